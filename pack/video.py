@@ -1,0 +1,62 @@
+"""Finding videos on disk and decoding them in-process with PyAV (FFmpeg)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+
+VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".ogv", ".ts"}
+
+
+class VideoError(Exception):
+    """A video that cannot be packed; the message is the reason recorded in the manifest."""
+
+
+def index_videos(root: str | Path) -> dict[str, Path]:
+    """Map file stem -> path for every video under root, in any sub-folder layout."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--videos {root}: no such folder")
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
+            found.setdefault(path.stem, path)
+    return found
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side scaled to short_side, both even-rounded to ints."""
+    scale = short_side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def decode_frames(path: str | Path, short_side: int) -> Iterator[tuple[int, av.VideoFrame]]:
+    """Yield (index, frame) for every decodable frame; frames are converted only when needed.
+
+    A stream that breaks off part-way (a truncated download) ends the iteration early
+    instead of failing: the frames before the damage are still good.
+    """
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise VideoError(f"undecodable: {e}") from None
+    with container:
+        if not container.streams.video:
+            raise VideoError("undecodable: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_count = 1  # one process per core already; threads would oversubscribe
+        index = 0
+        try:
+            for frame in container.decode(stream):
+                yield index, frame
+                index += 1
+        except av.FFmpegError:
+            if index == 0:
+                raise VideoError("undecodable: no frame could be decoded") from None
+
+
+def to_bgr(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
+    """Resize and colour-convert in one swscale pass (BGR, as OpenCV expects)."""
+    return frame.to_ndarray(width=size[0], height=size[1], format="bgr24", interpolation="AREA")
