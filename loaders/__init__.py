@@ -1,0 +1,41 @@
+"""Loaders over the packed shards: `loaders.build(...)` picks DALI on a GPU, the CPU loader otherwise."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .common import Stream, open_stream
+
+
+def build(data: str | Path, split: str, modality: str, train: bool, batch_size: int, crop: int = 224,
+          backend: str = "auto", device: str | torch.device | None = None, flow_len: int | None = None,
+          resize_ratio: float = 1.1, scale_jitter: tuple[float, float] | None = None, rank: int = 0,
+          world_size: int = 1, workers: int = 4, shuffle_buffer: int = 4096, seed: int = 0, fp16: bool = False,
+          channels_last: bool = False):
+    """A loader yielding (images, labels, keys) on `device`; keys (sample ids) in eval mode only.
+
+    backend: "dali" (nvJPEG on the GPU, or DALI's CPU mode when device is the CPU), "cpu"
+    (DataLoader workers), or "auto" (DALI on a GPU, the CPU loader otherwise).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stream = open_stream(data, split, modality, flow_len)
+    if backend == "auto":
+        backend = "dali" if device.type == "cuda" else "cpu"
+    common = dict(stream=stream, train=train, batch_size=batch_size, crop=crop, resize_ratio=resize_ratio,
+                  scale_jitter=scale_jitter, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
+                  seed=seed, fp16=fp16, channels_last=channels_last)
+    if backend == "dali":
+        from .dali import DaliLoader  # imported here: DALI is only needed when used
+
+        on_gpu = device.type == "cuda"
+        return DaliLoader(**common, device="gpu" if on_gpu else "cpu", device_id=device.index or 0 if on_gpu else None,
+                          num_threads=workers)
+    if backend == "cpu":
+        from .cpu import CpuLoader
+
+        return CpuLoader(**common, device=device, num_workers=workers)
+    raise ValueError(f"backend must be auto, dali or cpu, not {backend!r}")
+
+
+__all__ = ["build", "open_stream", "Stream"]

@@ -1,0 +1,98 @@
+"""What both loaders share: which shards to read, how to normalise, how labels and keys arrive."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pack.manifest import load_manifest
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# Flow is centred at 128 by its encoding; its spread is scaled like ImageNet's so that
+# cross-modality initialised filters see inputs of the size they were trained on.
+FLOW_MEAN, FLOW_STD = 128.0, 58.0
+
+
+@dataclass
+class Stream:
+    """One modality of one split: its shards and how to decode and normalise its samples."""
+
+    tars: list[str]
+    indexes: list[str]
+    modality: str
+    flow_len: int  # flow images per sample (1 for rgb: one image)
+    samples: int
+    classes: list[str]
+
+    @property
+    def exts(self) -> list[str]:
+        if self.modality == "rgb":
+            return ["rgb.jpg"]
+        return [f"flow{i}.jpg" for i in range(self.flow_len)]
+
+    @property
+    def channels(self) -> int:
+        return 3 * len(self.exts)
+
+    @property
+    def mean(self) -> list[float]:
+        return list(IMAGENET_MEAN) if self.modality == "rgb" else [FLOW_MEAN] * self.channels
+
+    @property
+    def std(self) -> list[float]:
+        return list(IMAGENET_STD) if self.modality == "rgb" else [FLOW_STD] * self.channels
+
+    @property
+    def flip_negates(self) -> list[float]:
+        """1 on the channels a horizontal flip must negate (flow x, stored as x -> 255 - x)."""
+        return [0.0] * 3 if self.modality == "rgb" else [1.0, 0.0, 0.0] * self.flow_len
+
+
+def open_stream(data: str | Path, split: str, modality: str, flow_len: int | None = None) -> Stream:
+    """Find a split's shards of one modality in DATA/manifest.json, with errors that say what to fix."""
+    if modality not in ("rgb", "flow"):
+        raise ValueError(f"modality must be rgb or flow, not {modality!r}")
+    manifest = load_manifest(data)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{data} has no split {split!r}; it has {sorted(manifest['splits'])}")
+    info = manifest["splits"][split]
+    pieces = info["shards"].get(modality, [])
+    if not pieces:
+        raise ValueError(f"{data}/{split} has no {modality} shards (nothing was packed, or the modality is missing)")
+    packed_len = info["params"]["flow_len"] if modality == "flow" else 1
+    use_len = flow_len or packed_len
+    if use_len > packed_len:
+        raise ValueError(f"{data}/{split} was packed with --flow-len {packed_len}; cannot read {use_len} flow images")
+    tars = [str(Path(data) / p["tar"]) for p in pieces]
+    missing = [t for t in tars if not Path(t).exists()]
+    if missing:
+        raise FileNotFoundError(f"shards listed in the manifest are missing: {missing[:3]}")
+    return Stream(tars=tars, indexes=[str(Path(data) / p["idx"]) for p in pieces], modality=modality,
+                  flow_len=use_len if modality == "flow" else 1, samples=sum(p["samples"] for p in pieces),
+                  classes=manifest["classes"])
+
+
+def key_of(member_name: str) -> str:
+    """Sample key of a tar member name: `vid/000012.rgb.jpg` -> `vid/000012` (WebDataset's rule)."""
+    dot = member_name.find(".", member_name.rfind("/") + 1)
+    return member_name[:dot]
+
+
+def parse_cls(raw: torch.Tensor) -> torch.Tensor:
+    """ASCII integers padded with zero bytes (B x W uint8) -> int64 labels, on raw's device."""
+    raw = raw.long()
+    value = torch.zeros(raw.shape[0], dtype=torch.long, device=raw.device)
+    for column in raw.unbind(1):
+        digit = (column >= 48) & (column <= 57)
+        value = torch.where(digit, value * 10 + column - 48, value)
+    return torch.where(raw[:, 0] == 45, -value, value)  # a leading '-' (unlabelled: -1)
+
+
+def normalise(images: torch.Tensor, stream: Stream, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC on the device -> normalised NCHW float (channels-last memory if asked)."""
+    mean = torch.tensor(stream.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(stream.std, device=images.device).view(1, -1, 1, 1)
+    x = images.permute(0, 3, 1, 2).float().sub_(mean).div_(std).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
