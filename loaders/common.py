@@ -96,3 +96,15 @@ def normalise(images: torch.Tensor, stream: Stream, dtype: torch.dtype, channels
     std = torch.tensor(stream.std, device=images.device).view(1, -1, 1, 1)
     x = images.permute(0, 3, 1, 2).float().sub_(mean).div_(std).to(dtype)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def flip_batch(images: torch.Tensor, stream: Stream) -> torch.Tensor:
+    """Mirror a normalised NCHW batch; flow x channels are negated as the flip demands."""
+    flipped = images.flip(3)
+    negate = [i for i, n in enumerate(stream.flip_negates) if n]
+    if negate:
+        mean = torch.tensor(stream.mean, device=images.device)[negate].view(1, -1, 1, 1)
+        std = torch.tensor(stream.std, device=images.device)[negate].view(1, -1, 1, 1)
+        # normalised x is (x - m) / s; after x -> 255 - x it is (255 - 2m) / s - (x - m) / s
+        flipped[:, negate] = ((255 - 2 * mean) / std - flipped[:, negate].float()).to(images.dtype)
+    return flipped

@@ -153,7 +153,8 @@ def pack_group(split_dir: Path, group: int, videos: list[dict], p: PackParams, p
                         writers["flow"].write(key, {**{f"flow{k}.jpg": f for k, f in enumerate(flows)}, "cls": cls})
                     timer.lap("write")
                     count = len(samples)
-                    packed[v["id"]] = {"label": v["label"], "cls": v["cls"], "frames": frames, "samples": count}
+                    packed[v["id"]] = {"youtube_id": v["youtube_id"], "label": v["label"], "cls": v["cls"],
+                                       "frames": frames, "samples": count}
             if progress is not None:
                 progress.put((frames, count))
         for w in writers.values():

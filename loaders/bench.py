@@ -1,0 +1,155 @@
+"""Loader throughput in images per second, against the original way, in the same run.
+
+    python -m loaders.bench --data DATA --split train --modality rgb --backend cpu dali
+
+Runs the `files` baseline (one JPEG file per frame, PIL + torchvision transforms in a
+DataLoader, as the original trained) and the raw JPEG decode ceiling beside the backends
+asked for, so the ratios printed come from one run on one machine. An image is one JPEG:
+a flow sample of --flow-len 5 counts 5.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import time
+from pathlib import Path
+
+import simplejpeg
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+import loaders
+from loaders.common import open_stream
+
+
+def export_files(stream, folder: Path) -> list[list[Path]]:
+    """The original's layout, made once from the shards: a folder per video, a JPEG per image."""
+    import webdataset as wds
+
+    done = folder / ".complete"
+    samples = []
+    for sample in wds.WebDataset(stream.tars, shardshuffle=False, empty_check=False):
+        paths = [folder / f"{sample['__key__']}.{ext}" for ext in stream.exts]
+        if not done.exists():
+            for path, ext in zip(paths, stream.exts):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(sample[ext])
+        samples.append(paths)
+    done.touch()
+    return samples
+
+
+class FilesDataset(Dataset):
+    """The baseline: PIL opens each file, torchvision transforms it (as the original did)."""
+
+    def __init__(self, samples: list[list[Path]], crop: int, resize: int, mean, std):
+        self.samples = samples
+        self.resize = T.Resize(resize)
+        self.augment = T.Compose([T.RandomCrop(crop), T.RandomHorizontalFlip(), T.Normalize(mean, std)])
+        self.to_tensor = T.ToTensor()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        images = [self.to_tensor(self.resize(Image.open(p).convert("RGB"))) for p in self.samples[i]]
+        return self.augment(torch.cat(images) * 255), 0
+
+
+def rate(batches, images_per_sample: int, seconds: float, warmup: int = 3) -> float:
+    """Images per second over `seconds`, after `warmup` batches; loops over epochs as needed."""
+    count, start, seen = 0, None, 0
+    while True:
+        for images, *_ in batches():
+            seen += 1
+            if seen == warmup:
+                if images.is_cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            elif seen > warmup:
+                count += images.shape[0] * images_per_sample
+                if time.perf_counter() - start >= seconds:
+                    if images.is_cuda:
+                        torch.cuda.synchronize()
+                    return count / (time.perf_counter() - start)
+
+
+def _decode_all(jpegs: list[bytes]) -> int:
+    for jpeg in jpegs:
+        simplejpeg.decode_jpeg(jpeg, colorspace="RGB")
+    return len(jpegs)
+
+
+def decode_ceiling(stream, processes: int, seconds: float) -> float:
+    """Raw JPEG decodes per second of the same images with the same number of processes."""
+    import webdataset as wds
+
+    jpegs = []
+    for sample in wds.WebDataset(stream.tars, shardshuffle=False, empty_check=False):
+        jpegs += [sample[ext] for ext in stream.exts]
+        if len(jpegs) >= 2000:
+            break
+    chunks = [jpegs[i::processes * 4] for i in range(processes * 4)]
+    with mp.get_context("fork").Pool(processes) as pool:
+        pool.map(_decode_all, chunks[:processes])  # warm-up
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            count += sum(pool.map(_decode_all, chunks))
+        return count / (time.perf_counter() - start)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loaders.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="packed DATA folder")
+    p.add_argument("--split", default="train", help="split to read")
+    p.add_argument("--modality", default="rgb", choices=["rgb", "flow"], help="stream to read")
+    p.add_argument("--backend", nargs="+", default=["cpu"], choices=["cpu", "dali", "files"],
+                   help="loaders to measure (files, the baseline, always runs)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch")
+    p.add_argument("--crop", type=int, default=224, help="crop size (the network's input size)")
+    p.add_argument("--flow-len", type=int, help="flow images per sample (default: as packed)")
+    p.add_argument("--workers", type=int, default=mp.cpu_count(), help="loader processes/threads, the same for all")
+    p.add_argument("--seconds", type=float, default=20, help="measuring time per loader, after warm-up")
+    p.add_argument("--device", default=None, help="where batches go (default: cuda if present, else cpu)")
+    p.add_argument("--files-dir", type=Path, help="where the baseline's JPEG folders go (default: DATA/files-{split}-{modality})")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stream = open_stream(args.data, args.split, args.modality, args.flow_len)
+    per_sample = len(stream.exts)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    print(f"machine: {platform.processor() or platform.machine()}, {mp.cpu_count()} cores, {gpu}; "
+          f"{args.modality} crop {args.crop}, batch {args.batch_size}, {args.workers} workers, "
+          f"{per_sample} image(s) per sample, {stream.samples} samples")
+    results = {}
+    ceiling = decode_ceiling(stream, args.workers, args.seconds / 2)
+    print(f"{'decode ceiling':>16}: {ceiling:8.0f} images/s (simplejpeg, {args.workers} processes, no augmentation)")
+
+    folder = args.files_dir or args.data / f"files-{args.split}-{args.modality}"
+    files = FilesDataset(export_files(stream, folder), args.crop, round(args.crop * 1.1), stream.mean, stream.std)
+    files_loader = DataLoader(files, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                              drop_last=True, persistent_workers=True, pin_memory=device.type == "cuda")
+
+    def files_batches():
+        for images, labels in files_loader:
+            yield images.to(device, non_blocking=True), labels
+
+    results["files"] = rate(files_batches, per_sample, args.seconds)
+    print(f"{'files':>16}: {results['files']:8.0f} images/s (PIL + torchvision transforms, the baseline)")
+    for backend in [b for b in args.backend if b != "files"]:
+        loader = loaders.build(args.data, args.split, args.modality, True, args.batch_size, crop=args.crop,
+                               backend=backend, device=device, flow_len=args.flow_len, workers=args.workers)
+        name = f"{backend} ({'nvJPEG' if backend == 'dali' and device.type == 'cuda' else 'CPU'})"
+        results[backend] = rate(lambda: loader, per_sample, args.seconds)
+        print(f"{name:>16}: {results[backend]:8.0f} images/s = {results[backend] / results['files']:.2f}x files, "
+              f"{100 * results[backend] / ceiling:.0f}% of the decode ceiling")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

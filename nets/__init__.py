@@ -1,0 +1,81 @@
+"""Two-stream backbones: torchvision ImageNet models taking RGB or stacked-flow input.
+
+    model = nets.build("inception_v3", num_classes=400, modality="flow", flow_len=5,
+                       pretrained="inception_v3_google-0cc3c7bd.pth")
+"""
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+ARCHS = ("inception_v3", "resnet18", "resnet50", "resnet101", "vgg16_bn")
+# Where each architecture keeps its first convolution and its classifier(s).
+FIRST_CONV = {"inception_v3": "Conv2d_1a_3x3.conv", "vgg16_bn": "features.0"}
+CLASSIFIERS = {"inception_v3": ["fc", "AuxLogits.fc"], "vgg16_bn": ["classifier.6"]}
+AUX_WEIGHT = 0.4  # InceptionV3's auxiliary head, in training
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    return operator.attrgetter(path)(model)
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(model, parent) if parent else model, name, module)
+
+
+def cross_modality(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """A first layer for stacked flow: the RGB filters averaged over colour, repeated (as TSN does)."""
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).expand(-1, in_channels, -1, -1))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def build(arch: str, num_classes: int, modality: str = "rgb", flow_len: int = 1,
+          pretrained: str | Path | None = None) -> nn.Module:
+    """A torchvision `arch` for `num_classes`, 3 input channels for rgb or 3 x flow_len for flow.
+
+    pretrained: None (random init), a local torchvision ImageNet state dict (.pth), or
+    "imagenet" for torchvision's weights API (downloads once, needs internet).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    kwargs = {"aux_logits": True, "init_weights": pretrained is None} if arch == "inception_v3" else {}
+    if pretrained == "imagenet":
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        model = torchvision.models.get_model(arch, weights=weights, **kwargs)
+    else:
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+        if pretrained is not None:
+            path = Path(pretrained)
+            if not path.is_file():
+                raise FileNotFoundError(f"pretrained weights {path} not found (give a torchvision ImageNet "
+                                        f".pth state dict, or 'imagenet' to download)")
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if arch == "inception_v3":
+        # Google's weights expect inputs in [-1, 1]; transform_input maps ImageNet-normalised
+        # RGB there. Flow is not RGB, so it is fed as it comes.
+        model.transform_input = pretrained is not None and modality == "rgb"
+    if modality == "flow":
+        path = FIRST_CONV.get(arch, "conv1")
+        _set(model, path, cross_modality(_get(model, path), 3 * flow_len))
+    for path in CLASSIFIERS.get(arch, ["fc"]):
+        old = _get(model, path)
+        _set(model, path, nn.Linear(old.in_features, num_classes))
+    return model
+
+
+def loss_fn(outputs, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy; InceptionV3 in training adds its auxiliary head's at weight 0.4."""
+    if isinstance(outputs, torchvision.models.InceptionOutputs):
+        return (nn.functional.cross_entropy(outputs.logits, labels)
+                + AUX_WEIGHT * nn.functional.cross_entropy(outputs.aux_logits, labels))
+    return nn.functional.cross_entropy(outputs, labels)
