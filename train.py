@@ -374,7 +374,7 @@ def main(args: argparse.Namespace) -> dict:
                 if visdom:
                     visdom.line([mean_loss], [done], win="loss", update="append", opts={"title": "train loss"})
             loss_sum.zero_()
-            steps, wait, images_seen, window_start = 0.0, 0, time.perf_counter()
+            steps, wait, images_seen, window_start = 0, 0.0, 0, time.perf_counter()
 
         is_best = False
         if val_loader is not None and (done % args.val_every == 0 or done == args.max_iterations):

@@ -12,11 +12,12 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
           backend: str = "auto", device: str | torch.device | None = None, flow_len: int | None = None,
           resize_ratio: float = 1.1, scale_jitter: tuple[float, float] | None = None, rank: int = 0,
           world_size: int = 1, workers: int = 4, shuffle_buffer: int = 4096, seed: int = 0, fp16: bool = False,
-          channels_last: bool = False):
+          channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5)):
     """A loader yielding (images, labels, keys) on `device`; keys (sample ids) in eval mode only.
 
     backend: "dali" (nvJPEG on the GPU, or DALI's CPU mode when device is the CPU), "cpu"
     (DataLoader workers), or "auto" (DALI on a GPU, the CPU loader otherwise).
+    crop_pos: where eval crops sit, relative (0..1, 0..1); (0.5, 0.5) is the centre crop.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stream = open_stream(data, split, modality, flow_len)
@@ -24,7 +25,7 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
         backend = "dali" if device.type == "cuda" else "cpu"
     common = dict(stream=stream, train=train, batch_size=batch_size, crop=crop, resize_ratio=resize_ratio,
                   scale_jitter=scale_jitter, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
-                  seed=seed, fp16=fp16, channels_last=channels_last)
+                  seed=seed, fp16=fp16, channels_last=channels_last, crop_pos=crop_pos)
     if backend == "dali":
         from .dali import DaliLoader  # imported here: DALI is only needed when used
 

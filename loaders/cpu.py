@@ -55,10 +55,10 @@ class ShardSamples(IterableDataset):
     """Decoded, augmented uint8 samples of this rank's and worker's part of a stream."""
 
     def __init__(self, stream: Stream, train: bool, crop: int, resize_ratio: float, scale_jitter, rank: int,
-                 world_size: int, shuffle_buffer: int, seed: int, skipped):
+                 world_size: int, shuffle_buffer: int, seed: int, skipped, crop_pos: tuple[float, float]):
         self.stream, self.train, self.crop, self.resize_ratio = stream, train, crop, resize_ratio
         self.scale_jitter, self.rank, self.world_size = scale_jitter, rank, world_size
-        self.shuffle_buffer, self.seed, self.skipped = shuffle_buffer, seed, skipped
+        self.shuffle_buffer, self.seed, self.skipped, self.crop_pos = shuffle_buffer, seed, skipped, crop_pos
         self.epoch = 0
 
     def _handler(self, exn: Exception) -> bool:
@@ -87,7 +87,7 @@ class ShardSamples(IterableDataset):
     def _augment(self, sample: dict, rng: random.Random):
         stream, crop = self.stream, self.crop
         short = crop * self.resize_ratio * (rng.uniform(*self.scale_jitter) if self.train and self.scale_jitter else 1.0)
-        pos = (rng.random(), rng.random()) if self.train else (0.5, 0.5)
+        pos = (rng.random(), rng.random()) if self.train else self.crop_pos
         flip = self.train and rng.random() < 0.5
         images = [crop_resized(decode(sample[ext], math.ceil(short)), short, crop, pos, flip) for ext in stream.exts]
         image = images[0] if len(images) == 1 else np.concatenate(images, axis=2)
@@ -119,13 +119,13 @@ class CpuLoader:
     def __init__(self, stream: Stream, train: bool, batch_size: int, crop: int, resize_ratio: float = 1.1,
                  scale_jitter: tuple | None = None, device: str | torch.device = "cpu", rank: int = 0,
                  world_size: int = 1, num_workers: int = 2, shuffle_buffer: int = 4096, seed: int = 0,
-                 fp16: bool = False, channels_last: bool = False):
+                 fp16: bool = False, channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5)):
         self.stream, self.train, self.device = stream, train, torch.device(device)
         self.dtype = torch.float16 if fp16 else torch.float32
         self.channels_last = channels_last
         self._skipped = mp.get_context("fork").Value("l", 0)
         self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, rank, world_size,
-                                    shuffle_buffer, seed, self._skipped)
+                                    shuffle_buffer, seed, self._skipped, crop_pos)
         self.samples = stream.samples // world_size
         self.batch_size = batch_size
         self.loader = DataLoader(

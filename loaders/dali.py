@@ -54,14 +54,14 @@ def train_pipeline(stream: Stream, device: str, crop: int, resize_shorter: float
 
 
 @pipeline_def
-def eval_pipeline(stream: Stream, device: str, crop: int, resize_shorter: float, shard_id: int,
-                  num_shards: int, fp16: bool, channels_last: bool):
-    """Short-side resize and centre crop, in shard order; also which sample each row is."""
+def eval_pipeline(stream: Stream, device: str, crop: int, resize_shorter: float, crop_pos: tuple[float, float],
+                  shard_id: int, num_shards: int, fp16: bool, channels_last: bool):
+    """Short-side resize and a fixed crop (centre by default), in shard order; also which sample each row is."""
     jpegs, labels = _read(stream, shard_id, num_shards, shuffle_buffer=0)
     where = fn.pad(fn.get_property(jpegs[0], key="source_info"), fill_value=0)  # "tar:offset:member"
     images = fn.resize(_decode(jpegs, device), resize_shorter=resize_shorter, antialias=True)
     images = fn.crop_mirror_normalize(
-        images, crop=(crop, crop), mean=stream.mean, std=stream.std,
+        images, crop=(crop, crop), crop_pos_x=crop_pos[0], crop_pos_y=crop_pos[1], mean=stream.mean, std=stream.std,
         dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC" if channels_last else "CHW")
     return images, labels.gpu() if device == "gpu" else labels, where
 
@@ -72,7 +72,8 @@ class DaliLoader:
     def __init__(self, stream: Stream, train: bool, batch_size: int, crop: int, resize_ratio: float = 1.1,
                  scale_jitter: tuple | None = None, device: str = "gpu", device_id: int | None = 0,
                  rank: int = 0, world_size: int = 1, num_threads: int = 4, shuffle_buffer: int = 4096,
-                 seed: int = 0, fp16: bool = False, channels_last: bool = False, prefetch: int = 2):
+                 seed: int = 0, fp16: bool = False, channels_last: bool = False, prefetch: int = 2,
+                 crop_pos: tuple[float, float] = (0.5, 0.5)):
         self.train, self.channels_last = train, channels_last
         common = dict(batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
                       prefetch_queue_depth=prefetch, stream=stream, device=device, crop=crop,
@@ -83,7 +84,7 @@ class DaliLoader:
                                   seed=seed * 1000 + rank)  # the pipeline seed drives reader shuffle and augmentation
             outputs = ["images", "labels"]
         else:
-            pipe = eval_pipeline(**common)
+            pipe = eval_pipeline(**common, crop_pos=crop_pos)
             outputs = ["images", "labels", "where"]
         self.stream = stream
         self.skipped = 0  # DALI fails loudly on bad data instead of skipping it

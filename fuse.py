@@ -1,0 +1,183 @@
+"""Fuse the scores of several streams and print the results table (RGB, Flow, RGB+FLOW).
+
+    python fuse.py scores/rgb_val.npz scores/flow_val.npz --weights 1 1.5 --out results/
+
+Fusion is a weighted average of the streams' softmax scores by default: probabilities are
+on one scale whatever each network's confidence, where logits of separately trained
+networks are not (--fuse-on logits averages logits instead). A video or frame missing
+from a stream is fused from the streams that have it, and counted in the report.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+import metrics
+
+COLUMNS = ["frame_top1", "frame_top3", "video_top1", "video_top5", "mean_error", "video_mAP"]
+
+
+def load_scores(path: Path, fuse_on: str, class_topk: int | None) -> dict:
+    """One stream's frame and video scores from a score.py file."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: scores file {path} not found")
+    z = np.load(path, allow_pickle=False)
+    meta = json.loads(str(z["meta"]))
+    values = z["scores"] if fuse_on == "scores" else z["logits"]
+    topk = meta.get("class_topk", 0) if class_topk is None else class_topk
+    video_ids, vvalues = metrics.video_scores(values, z["videos"], topk)
+    labels = dict(zip(z["videos"], z["labels"]))
+    return {"path": str(path), "meta": meta, "classes": list(z["classes"]),
+            "frames": dict(zip(z["keys"], values)), "frame_labels": dict(zip(z["keys"], z["labels"])),
+            "videos": dict(zip(video_ids, vvalues)), "video_labels": {v: labels[v] for v in video_ids}}
+
+
+def stream_name(stream: dict) -> str:
+    return {"rgb": "RGB", "flow": "Flow"}.get(stream["meta"].get("modality"), Path(stream["path"]).stem)
+
+
+def fuse(tables: list[dict], weights: list[float]) -> dict:
+    """Weighted average per id over the streams that have it (weights renormalised per id)."""
+    out = {}
+    for i in set().union(*tables):
+        have = [(t[i], w) for t, w in zip(tables, weights) if i in t]
+        total = sum(w for _, w in have)
+        out[i] = sum(v * w for v, w in have) / (total if total else 1.0)
+    return out
+
+
+def figures(frames: dict, frame_labels: dict, videos: dict, video_labels: dict) -> dict:
+    fkeys, vkeys = sorted(frames), sorted(videos)
+    fl = np.array([frame_labels[k] for k in fkeys])
+    vl = np.array([video_labels[k] for k in vkeys])
+    vs = np.stack([videos[k] for k in vkeys])
+    result = metrics.summary(np.stack([frames[k] for k in fkeys]), fl, vs, vl)
+    result["per_class_accuracy"] = [None if np.isnan(a) else float(a) for a in metrics.per_class_accuracy(vs[vl >= 0], vl[vl >= 0])]
+    result["_confusion"] = metrics.confusion_matrix(vs[vl >= 0], vl[vl >= 0])
+    return result
+
+
+def evaluate(streams: list[dict], weights: list[float]) -> dict:
+    """Figures per stream and fused, keyed by row name."""
+    frame_labels = {k: v for s in streams for k, v in s["frame_labels"].items()}
+    video_labels = {k: v for s in streams for k, v in s["video_labels"].items()}
+    rows = {stream_name(s): figures(s["frames"], s["frame_labels"], s["videos"], s["video_labels"]) for s in streams}
+    fused_name = "+".join(stream_name(s).upper() for s in streams)
+    rows[fused_name] = figures(fuse([s["frames"] for s in streams], weights), frame_labels,
+                               fuse([s["videos"] for s in streams], weights), video_labels)
+    return rows
+
+
+def search_weights(streams: list[dict], grid: list[float]) -> list[float]:
+    """The weights (first stream fixed at 1) with the best fused video top-1, then mAP."""
+    best, best_key = None, None
+    for rest in itertools.product(grid, repeat=len(streams) - 1):
+        weights = [1.0, *rest]
+        videos = fuse([s["videos"] for s in streams], weights)
+        labels = {k: v for s in streams for k, v in s["video_labels"].items()}
+        ids = [k for k in sorted(videos) if labels[k] >= 0]
+        scores, y = np.stack([videos[k] for k in ids]), np.array([labels[k] for k in ids])
+        key = (metrics.topk_accuracy(scores, y, 1), metrics.mean_average_precision(scores, y)[0])
+        if best_key is None or key > best_key:
+            best, best_key = weights, key
+    return best
+
+
+def coverage(streams: list[dict]) -> dict:
+    """Per stream, how many of all videos it lacks."""
+    everything = set().union(*(s["videos"] for s in streams))
+    return {stream_name(s): len(everything - set(s["videos"])) for s in streams}
+
+
+def markdown_table(rows: dict) -> str:
+    lines = ["| stream | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    size = min(4 + 0.35 * n, 40)
+    fig, ax = plt.subplots(figsize=(size, size))
+    normalised = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    if n <= 60:
+        ax.set_xticks(range(n), classes, rotation=90)
+        ax.set_yticks(range(n), classes)
+        for (i, j), count in np.ndenumerate(matrix):
+            if count:
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                        color="white" if normalised[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scores", nargs="+", type=Path, help="score.py files, one per stream, of the split to report on")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per stream (default: all 1)")
+    p.add_argument("--fuse-on", default="scores", choices=["scores", "logits"], help="average softmax scores (default) or logits")
+    p.add_argument("--class-topk", type=int, help="video scores by per-class top-K frame mean (default: as scored)")
+    p.add_argument("--search-weights", nargs="+", type=Path, metavar="TUNE_SCORES",
+                   help="score files of another split (same streams, same order) to choose the weights on")
+    p.add_argument("--grid", nargs="+", type=float, default=[x / 4 for x in range(13)], help="weights tried by --search-weights")
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.md, results.json, confusion.png")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    streams = [load_scores(p, args.fuse_on, args.class_topk) for p in args.scores]
+    for s in streams[1:]:
+        if s["classes"] != streams[0]["classes"]:
+            raise SystemExit(f"error: {s['path']} has another class list than {streams[0]['path']} "
+                             f"({len(s['classes'])} vs {len(streams[0]['classes'])} classes); score both on data packed "
+                             f"with the same classes")
+    weights = args.weights or [1.0] * len(streams)
+    if len(weights) != len(streams):
+        raise SystemExit(f"error: {len(weights)} weights for {len(streams)} score files")
+    tuned_on = None
+    if args.search_weights:
+        tune = [load_scores(p, args.fuse_on, args.class_topk) for p in args.search_weights]
+        if len(tune) != len(streams):
+            raise SystemExit("error: --search-weights needs one score file per stream, in the same order")
+        if set(tune[0]["videos"]) & set(streams[0]["videos"]):
+            raise SystemExit("error: the tuning and reported score files share videos; tune the weights on "
+                             "another split than the one reported (e.g. tune on val, report on test)")
+        weights = search_weights(tune, args.grid)
+        tuned_on = [str(p) for p in args.search_weights]
+        print(f"weights chosen on {tune[0]['meta'].get('split', '?')}: {weights}")
+    missing = coverage(streams)
+    for name, n in missing.items():
+        if n:
+            print(f"note: {name} lacks {n} video(s) that another stream has; fused from what is there")
+    rows = evaluate(streams, weights)
+    table = markdown_table(rows)
+    print(table)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    fused_name = list(rows)[-1]
+    classes = streams[0]["classes"]
+    plot_confusion(rows[fused_name]["_confusion"], classes, f"{fused_name} video confusion", args.out / "confusion.png")
+    report = {"weights": weights, "fuse_on": args.fuse_on, "weights_tuned_on": tuned_on,
+              "inputs": [s["path"] for s in streams], "videos_missing_per_stream": missing, "classes": classes,
+              "rows": {name: {k: v for k, v in r.items() if not k.startswith("_")} for name, r in rows.items()}}
+    (args.out / "results.json").write_text(json.dumps(report, indent=1))
+    (args.out / "results.md").write_text(f"{table}\n\nweights {weights} on {args.fuse_on}\n")
+    print(f"wrote {args.out / 'results.md'}, results.json, confusion.png")
+    return report
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
