@@ -20,7 +20,8 @@ import numpy as np
 from .csvs import crawler_stem
 
 COLOURS = {"red": (1.0, 0.25, 0.2), "green": (0.25, 0.8, 0.2), "blue": (0.3, 0.4, 1.0), "yellow": (0.9, 0.8, 0.15)}
-DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+# Vertical only: a horizontal flip, the standard augmentation, must not change the label.
+DIRECTIONS = {"up": (0, -1), "down": (0, 1)}
 ID_CHARS = string.ascii_letters + string.digits + "-_"
 
 

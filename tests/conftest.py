@@ -1,0 +1,41 @@
+"""Shared fixtures: a small synthetic colour x direction dataset, packed once per session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PYTHONPATH", str(ROOT))  # for the subprocesses tests start
+
+from pack.__main__ import get_args_parser, main  # noqa: E402
+from pack.synth import make_dataset  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+PACK_ARGS = ["--stride", "4", "--flow-len", "2", "--short-side", "72", "--shard-videos", "4", "--flow", "dis"]
+
+
+def run_pack(*argv) -> int:
+    """python -m pack, in-process."""
+    return main(get_args_parser().parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    """3 colours x 2 directions, 5 training and 2 validation videos per class, 96x72, 24 frames."""
+    out = tmp_path_factory.mktemp("synth")
+    make_dataset(out, colours=3, directions=2, train_per_class=5, val_per_class=2, frames=24, width=96, height=72, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data(synth, tmp_path_factory) -> Path:
+    """The synthetic set packed: train and val, rgb and 2-image flow, several shards each."""
+    out = tmp_path_factory.mktemp("data")
+    for split in ("train", "val"):
+        assert run_pack("--csv", synth / f"{split}.csv", "--videos", synth / "videos", "--out", out,
+                        "--workers", "2", *PACK_ARGS) == 0
+    return out

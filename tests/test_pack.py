@@ -1,0 +1,204 @@
+"""Packing real footage, flow correctness, broken inputs, kill and resume, reading shards back."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import simplejpeg
+import webdataset as wds
+
+from conftest import DATA, ROOT, run_pack
+from pack.flow import decode_flow
+from pack.manifest import load_manifest
+from pack.synth import texture, write_video
+
+
+def decoded_frames(path: Path) -> int:
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def kinetics_csv(path: Path, rows: list[tuple[str, str]], split: str = "train") -> Path:
+    lines = ["label,youtube_id,time_start,time_end,split"] + [f'"{label}",{vid},0,10,{split}' for vid, label in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tar_members(tar: Path) -> dict[str, bytes]:
+    with tarfile.open(tar) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers()}
+
+
+def shard_contents(data: Path, split: str = "train") -> dict[str, bytes]:
+    manifest = load_manifest(data)
+    out = {}
+    for modality, pieces in manifest["splits"][split]["shards"].items():
+        for piece in pieces:
+            out.update({f"{modality}:{k}": v for k, v in tar_members(data / piece["tar"]).items()})
+    return out
+
+
+def test_real_footage_sample_counts(tmp_path):
+    """H.264 mp4s and an MPEG-4 AVI under the `{youtube_id}.{ext}` naming; g1.avi (16 frames)
+    is shorter than the 20-image flow snippet and is padded with its last flow."""
+    csv = kinetics_csv(tmp_path / "k.csv", [("bikes", "riding a bike"), ("carphone_pristine", "talking"), ("g1", "riding a bike")])
+    out = tmp_path / "data"
+    assert run_pack("--csv", csv, "--videos", DATA, "--out", out, "--stride", "25", "--flow-len", "20",
+                    "--short-side", "64", "--flow", "dis", "--workers", "2", "--shard-videos", "2") == 0
+    split = load_manifest(out)["splits"]["train"]
+    assert split["complete"] and not split["failed"]
+    for vid, name in [("bikes", "bikes.mp4"), ("carphone_pristine", "carphone_pristine.mp4"), ("g1", "g1.avi")]:
+        info = split["video_info"][f"{vid}_000000_000010"]  # the crawler's name, found as {youtube_id}.{ext}
+        assert info["frames"] == decoded_frames(DATA / name)
+        assert info["samples"] == -(-info["frames"] // 25)  # frames 0, 25, 50, ...
+    assert split["samples"] == sum(v["samples"] for v in split["video_info"].values())
+    members = shard_contents(out)
+    assert sum(k.endswith(".rgb.jpg") for k in members) == split["samples"]
+    # g1 has 16 frames: pairs 0->1 .. 14->15 exist, later ones repeat the last (14->15)
+    g1 = [members[f"flow:g1_000000_000010/000000.flow{i}.jpg"] for i in range(20)]
+    assert g1[15:] == [g1[14]] * 5 and g1[14] != g1[13]
+    image = simplejpeg.decode_jpeg(members["rgb:bikes_000000_000010/000025.rgb.jpg"])
+    assert min(image.shape[:2]) == 64
+
+
+def test_flow_decodes_to_known_translation(tmp_path):
+    """A texture translating by (dx, dy) = (2, -1) per frame: the stored flow JPEG says so."""
+    rng = np.random.default_rng(0)
+    base = (texture(rng, 140, 180, 2.0) * 255).astype(np.uint8)
+    frames = [np.repeat(np.roll(base, (-t, 2 * t), axis=(0, 1))[20:116, 20:148, None], 3, axis=2) for t in range(8)]
+    (tmp_path / "v").mkdir()
+    write_video(tmp_path / "v" / "shift.mp4", frames, 25, "libx264")
+    csv = kinetics_csv(tmp_path / "k.csv", [("shift", "x")])
+    run_pack("--csv", csv, "--videos", tmp_path / "v", "--out", tmp_path / "d", "--stride", "3", "--short-side", "96",
+             "--workers", "1")
+    members = shard_contents(tmp_path / "d")
+    step = 8.0 / 128  # the quantisation step at the default bound 8
+    for t in (0, 3):
+        jpeg = members[f"flow:shift_000000_000010/{t:06d}.flow0.jpg"]
+        flow = decode_flow(simplejpeg.decode_jpeg(jpeg), 8.0)[16:-16, 16:-16]
+        dx, dy = np.median(flow[..., 0]), np.median(flow[..., 1])
+        assert abs(dx - 2.0) <= step and abs(dy + 1.0) <= step, (dx, dy)
+
+
+def test_broken_inputs_are_reported_not_fatal(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(DATA / "carphone_pristine.mp4", videos / "good.mp4")
+    whole = (DATA / "carphone_pristine.mp4").read_bytes()
+    (videos / "truncated.mp4").write_bytes(whole[: len(whole) // 3])
+    (videos / "empty.mp4").write_bytes(b"")
+    (videos / "text.webm").write_text("this is not a video\n" * 50)
+    csv = kinetics_csv(tmp_path / "k.csv", [(v, "x") for v in ("good", "truncated", "empty", "text", "missing")])
+    args = ("--csv", csv, "--videos", videos, "--out", tmp_path / "d", "--short-side", "64", "--flow", "dis", "--workers", "2",
+            "--shard-videos", "2")
+    assert run_pack(*args) == 0
+    split = load_manifest(tmp_path / "d")["splits"]["train"]
+    name = "{}_000000_000010".format
+    assert list(split["video_info"]) == [name("good")]
+    assert set(split["failed"]) == {name(v) for v in ("truncated", "empty", "text", "missing")}
+    assert split["failed"][name("missing")].startswith("missing")
+    assert all(split["failed"][name(v)].startswith(("undecodable", "empty")) for v in ("truncated", "empty", "text"))
+    assert run_pack(*args, "--strict") == 1
+
+
+def test_kill_and_resume_gives_the_same_shards(synth, tmp_path):
+    args = [sys.executable, "-m", "pack", "--csv", str(synth / "train.csv"), "--videos", str(synth / "videos"),
+            "--workers", "1", "--stride", "2", "--short-side", "72", "--shard-videos", "3", "--flow", "farneback"]
+    subprocess.run(args + ["--out", str(tmp_path / "ref")], check=True, cwd=ROOT, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(out)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = out / "train" / "records"
+    deadline = time.time() + 60
+    while not (records.exists() and len(list(records.glob("*.json"))) >= 2) and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in records.glob("*.json")}
+    assert 2 <= len(finished) < 10, "the kill should land mid-job"
+    shard_times = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*/*.tar")}
+
+    subprocess.run(args + ["--out", str(out)], check=True, cwd=ROOT, capture_output=True)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished, "a finished group was redone"
+    for p, t in shard_times.items():
+        if (records / f"{p.name[6:11]}.json") in finished:
+            assert p.stat().st_mtime_ns == t
+    assert shard_contents(out) == shard_contents(tmp_path / "ref")
+    assert not list(out.rglob("*.tmp*")), "temporary files left behind"
+    manifest, ref = load_manifest(out), load_manifest(tmp_path / "ref")
+    assert manifest["splits"]["train"]["video_info"] == ref["splits"]["train"]["video_info"]
+
+
+def test_parts_packed_separately_join_into_one_manifest(synth, tmp_path):
+    common = ["--csv", synth / "val.csv", "--videos", synth / "videos", "--workers", "1", "--short-side", "48",
+              "--shard-videos", "2", "--flow", "dis"]
+    run_pack(*common, "--out", tmp_path / "whole")
+    run_pack(*common, "--out", tmp_path / "parts", "--part", "0", "--num-parts", "2")
+    assert not load_manifest(tmp_path / "parts")["splits"]["val"]["complete"]
+    run_pack(*common, "--out", tmp_path / "parts", "--part", "1", "--num-parts", "2")
+    from pack.merge import main as merge
+
+    assert merge([str(tmp_path / "parts")]) == 0
+    assert shard_contents(tmp_path / "parts", "val") == shard_contents(tmp_path / "whole", "val")
+
+
+def test_repacking_with_other_parameters_is_refused(synth, tmp_path):
+    common = ["--csv", synth / "val.csv", "--videos", synth / "videos", "--out", tmp_path, "--workers", "1", "--flow", "dis"]
+    run_pack(*common, "--short-side", "48")
+    with pytest.raises(SystemExit, match="other parameters"):
+        run_pack(*common, "--short-side", "64")
+
+
+def test_manifest_and_shards_read_back_with_webdataset_and_dali(data):
+    manifest = load_manifest(data)
+    assert manifest["classes"] == sorted(manifest["classes"]) and len(manifest["classes"]) == 6
+    split = manifest["splits"]["train"]
+    rgb = [str(data / p["tar"]) for p in split["shards"]["rgb"]]
+    flow = [str(data / p["tar"]) for p in split["shards"]["flow"]]
+    assert len(rgb) >= 4  # several shards
+    rgb_samples = list(wds.WebDataset(rgb, shardshuffle=False, empty_check=False))
+    flow_samples = list(wds.WebDataset(flow, shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in rgb_samples] == [s["__key__"] for s in flow_samples]  # same keys, same order
+    assert len(rgb_samples) == split["samples"]
+    assert set(flow_samples[0]) >= {"flow0.jpg", "flow1.jpg", "cls"} and "rgb.jpg" not in flow_samples[0]
+    for s in rgb_samples:
+        video = s["__key__"].split("/")[0]
+        assert int(s["cls"]) == split["video_info"][video]["cls"]
+        assert manifest["classes"][int(s["cls"])] == split["video_info"][video]["label"]
+    # a shard never holds a single class
+    first = [int(s["cls"]) for s in rgb_samples[: split["shards"]["rgb"][0]["samples"]]]
+    assert len(set(first)) > 1
+
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=None)
+    def read():
+        jpeg, cls = fn.readers.webdataset(paths=rgb, index_paths=[p[:-4] + ".idx" for p in rgb], ext=["rgb.jpg", "cls"],
+                                          name="Reader")
+        return jpeg, cls
+
+    pipe = read()
+    pipe.build()
+    total = pipe.reader_meta("Reader")["epoch_size"]
+    assert total == split["samples"]
+    jpegs, cls = pipe.run()
+    assert bytes(np.array(jpegs[0])) == rgb_samples[0]["rgb.jpg"]
+    assert bytes(np.array(cls[0])) == rgb_samples[0]["cls"]
+
+
+def test_help_explains_every_flag():
+    out = subprocess.run([sys.executable, "-m", "pack", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for flag in ("--csv", "--videos", "--out", "--split", "--workers", "--stride", "--flow", "--flow-len",
+                 "--short-side", "--quality", "--part", "--num-parts", "--strict", "--classes"):
+        assert flag in out
