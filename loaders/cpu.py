@@ -143,9 +143,13 @@ class CpuLoader:
         return int(n) if self.train else math.ceil(n)
 
     def __iter__(self):
+        skipped_before = self.skipped
         for images, labels, keys in self.loader:
             images = normalise(images.to(self.device, non_blocking=True), self.stream, self.dtype, self.channels_last)
             yield images, labels.to(self.device, non_blocking=True), None if self.train else keys
+        if self.skipped > skipped_before:  # the workers' own warnings went to their stderr
+            warnings.warn(f"skipped bad data: {self.skipped - skipped_before} bad sample(s) or shard(s) this epoch "
+                          f"({self.skipped} in all); the reasons were printed above", stacklevel=2)
 
 
 def _shuffled(items, size: int, rng: random.Random):

@@ -5,6 +5,8 @@ One pipeline function per mode, DALI-style; `device="gpu"` decodes with nvJPEG (
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -88,19 +90,26 @@ class DaliLoader:
             outputs = ["images", "labels", "where"]
         self.stream = stream
         self.skipped = 0  # DALI fails loudly on bad data instead of skipping it
+        with self._naming_shards():  # building the iterator already runs the pipeline (prefetch)
+            self._iter = DALIGenericIterator(
+                pipe, outputs, reader_name="Reader", auto_reset=True,
+                last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
+
+    @contextlib.contextmanager
+    def _naming_shards(self):
+        """DALI's errors name the operator, not the data: add which shards were being read."""
         try:
-            pipe.build()
+            yield
         except RuntimeError as e:
-            raise RuntimeError(f"DALI could not open the shards {stream.tars[:3]}...: {e}") from None
-        self._iter = DALIGenericIterator(
-            pipe, outputs, reader_name="Reader", auto_reset=True,
-            last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
+            tars = self.stream.tars
+            raise RuntimeError(f"DALI failed reading {len(tars)} shard(s) ({tars[0]}{' ...' if len(tars) > 1 else ''}); "
+                               f"check them with `tar tf`, or use --backend cpu, which skips bad samples: {e}") from None
 
     def __len__(self) -> int:
         return len(self._iter)
 
     def __iter__(self):
-        try:
+        with self._naming_shards():
             for (batch,) in self._iter:
                 images = batch["images"]
                 if self.channels_last:  # NHWC buffer == NCHW tensor in channels-last memory format
@@ -112,6 +121,3 @@ class DaliLoader:
                     where = batch["where"].cpu().numpy()
                     keys = [key_of(bytes(row).rstrip(b"\0").decode().rsplit(":", 2)[2]) for row in where]
                     yield images, labels, keys
-        except RuntimeError as e:
-            raise RuntimeError(f"DALI failed reading {len(self.stream.tars)} shard(s) "
-                               f"({self.stream.tars[0]} ...): {e}") from None

@@ -1,0 +1,215 @@
+"""Both loaders over real shards: same eval output, train augmentation, DDP split, bad input."""
+from __future__ import annotations
+
+import shutil
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+
+import loaders
+from loaders.common import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
+from pack.manifest import load_manifest, write_manifest
+from pack.packer import PackParams
+from pack.shards import ShardWriter, atomic_write_json
+
+BACKENDS = ["cpu", "dali"]
+
+
+def all_batches(loader):
+    images, labels, keys = [], [], []
+    for x, y, k in loader:
+        images.append(x.float())
+        labels.append(y)
+        keys += k or []
+    return torch.cat(images), torch.cat(labels), keys
+
+
+def build(data, backend, modality="rgb", train=False, **kw):
+    kw.setdefault("workers", 1)
+    return loaders.build(data, "val" if not train else "train", modality, train, kw.pop("batch_size", 8), crop=48,
+                         backend=backend, device="cpu", **kw)
+
+
+@pytest.mark.parametrize("modality", ["rgb", "flow"])
+def test_eval_dali_cpu_mode_equals_cpu_loader(data, modality):
+    a_images, a_labels, a_keys = all_batches(build(data, "dali", modality))
+    b_images, b_labels, b_keys = all_batches(build(data, "cpu", modality))
+    split = load_manifest(data)["splits"]["val"]
+    assert a_keys == b_keys and len(a_keys) == split["samples"]
+    assert torch.equal(a_labels, b_labels)
+    assert a_images.shape == b_images.shape == (split["samples"], 3 if modality == "rgb" else 6, 48, 48)
+    std = IMAGENET_STD[0] if modality == "rgb" else FLOW_STD
+    assert (a_images - b_images).abs().mean() * std < 1.5  # grey levels: JPEG decoders and resamplers differ a little
+    for key, label in zip(a_keys, a_labels.tolist()):  # labels match keys
+        assert label == split["video_info"][key.split("/")[0]]["cls"]
+
+
+def make_split(root, split: str, samples: list[tuple[str, dict[str, bytes]]], flow_len: int = 1) -> None:
+    """A DATA split written by hand with the packer's own shard writer and records."""
+    params = PackParams(flow_len=flow_len)
+    split_dir = root / split
+    for d in ("rgb", "flow", "records"):
+        (split_dir / d).mkdir(parents=True, exist_ok=True)
+    writers = {m: ShardWriter(split_dir / m / "shard-00000", 1 << 30) for m in ("rgb", "flow")}
+    for key, parts in samples:
+        for m, w in writers.items():
+            w.write(key, {ext: b for ext, b in parts.items() if ext.startswith(m) or ext == "cls"})
+    for w in writers.values():
+        w.close()
+    videos = {k.split("/")[0]: {"label": "a", "cls": 0, "frames": 1, "samples": 1} for k, _ in samples}
+    atomic_write_json(split_dir / "plan.json", {"params": params.__dict__, "classes": ["a", "b"], "groups": [[]]})
+    atomic_write_json(split_dir / "records" / "00000.json", {"group": 0, "shards": {m: w.finished for m, w in writers.items()},
+                                                            "videos": videos, "failed": {}, "seconds": {}})
+    write_manifest(root)
+
+
+def asymmetric(x_value: int) -> bytes:
+    """Flow-style image: x constant, y a left-to-right ramp (tells whether it was mirrored), magnitude 128."""
+    image = np.empty((64, 80, 3), np.uint8)
+    image[..., 0] = x_value
+    image[..., 1] = np.linspace(20, 235, 80).astype(np.uint8)[None, :]
+    image[..., 2] = 128
+    return simplejpeg.encode_jpeg(image, 95, colorspace="RGB", colorsubsampling="444")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_crops_flips_and_flow_x_negation(tmp_path, backend):
+    samples = [(f"v{i:03d}/000000", {"rgb.jpg": asymmetric(90), "flow0.jpg": asymmetric(200), "flow1.jpg": asymmetric(60),
+                                     "cls": str(i % 2).encode()}) for i in range(96)]
+    make_split(tmp_path, "train", samples, flow_len=2)
+    for modality in ("rgb", "flow"):
+        loader = loaders.build(tmp_path, "train", modality, True, 16, crop=40, backend=backend, device="cpu", workers=2)
+        images, labels, _ = all_batches(loader)
+        assert images.shape == (96, 3 if modality == "rgb" else 6, 40, 40) and images.dtype == torch.float32
+        assert sorted(labels.tolist()) == [0] * 48 + [1] * 48
+        mean = torch.tensor(IMAGENET_MEAN if modality == "rgb" else [FLOW_MEAN] * 6).view(1, -1, 1, 1)
+        std = torch.tensor(IMAGENET_STD if modality == "rgb" else [FLOW_STD] * 6).view(1, -1, 1, 1)
+        raw = images * std + mean
+        ramp = raw[:, 1, :, :20].mean((1, 2)) < raw[:, 1, :, 20:].mean((1, 2))
+        flipped = ~ramp
+        assert 0.25 < flipped.float().mean() < 0.75, "flips should happen about half the time"
+        x = raw[:, 0].mean((1, 2))
+        if modality == "rgb":
+            assert torch.allclose(x, torch.full_like(x, 90), atol=3)  # colour is not negated
+        else:
+            for channel, value in ((0, 200), (3, 60)):
+                x = raw[:, channel].mean((1, 2))
+                expected = torch.where(flipped, 255.0 - value, float(value))
+                assert torch.allclose(x, expected, atol=3), "flow x must be negated exactly when flipped"
+
+
+def test_fp16_and_channels_last(data):
+    images, _, _ = next(iter(build(data, "cpu", fp16=True, channels_last=True)))
+    assert images.dtype == torch.float16 and images.is_contiguous(memory_format=torch.channels_last)
+    images, _, _ = next(iter(build(data, "dali", fp16=True, channels_last=True)))
+    assert images.dtype == torch.float16 and images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_ranks_see_disjoint_samples_that_cover_the_split(data, backend):
+    keys = [all_batches(build(data, backend, rank=r, world_size=2, workers=2))[2] for r in (0, 1)]
+    assert keys[0] and keys[1] and not set(keys[0]) & set(keys[1])
+    assert len(keys[0]) + len(keys[1]) == load_manifest(data)["splits"]["val"]["samples"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_train_split_is_disjoint(tmp_path, backend):
+    samples = [(f"v{i:03d}/000000", {"rgb.jpg": asymmetric(i), "flow0.jpg": asymmetric(i), "cls": b"0"}) for i in range(64)]
+    make_split(tmp_path, "train", samples)
+    seen = []
+    for rank in (0, 1):
+        loader = loaders.build(tmp_path, "train", "rgb", True, 8, crop=40, backend=backend, device="cpu", workers=1,
+                               rank=rank, world_size=2)
+        images, _, _ = all_batches(loader)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, -1, 1, 1)
+        seen.append(set((images * torch.tensor(IMAGENET_STD).view(1, -1, 1, 1) + mean)[:, 0].mean((1, 2)).round().int().tolist()))
+        assert len(images) == 32
+    assert not seen[0] & seen[1]
+
+
+def damaged_copy(data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    return copy, load_manifest(copy)["splits"]["val"]
+
+
+def test_truncated_tar(data, tmp_path):
+    copy, split = damaged_copy(data, tmp_path)
+    tar = copy / split["shards"]["rgb"][0]["tar"]
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2 + 100])
+    loader = build(copy, "cpu")
+    with pytest.warns(UserWarning, match="skipped bad data"):
+        images, _, keys = all_batches(loader)
+    assert loader.skipped >= 1
+    assert split["samples"] - split["shards"]["rgb"][0]["samples"] < len(keys) < split["samples"]
+    with pytest.raises(RuntimeError, match="shard"):
+        all_batches(build(copy, "dali"))
+
+
+def rewrite_member(tar_path, name_end: str, data: bytes | None) -> None:
+    """Replace (or, with None, drop) the first member whose name ends with name_end."""
+    with tarfile.open(tar_path) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    target = next(m.name for m, _ in members if m.name.endswith(name_end))
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as t:
+        for m, b in members:
+            if m.name == target:
+                if data is None:
+                    continue
+                b = data
+                m.size = len(b)
+            import io
+
+            t.addfile(m, io.BytesIO(b))
+    # keep the DALI index true to the new tar
+    from wds2idx import IndexCreator
+
+    with IndexCreator(str(tar_path), str(tar_path.with_suffix(".idx")), verbose=False) as ic:
+        ic.create_index()
+
+
+def test_corrupt_jpeg(data, tmp_path):
+    copy, split = damaged_copy(data, tmp_path)
+    rewrite_member(copy / split["shards"]["rgb"][0]["tar"], ".rgb.jpg", b"\xff\xd8\xff\xe0 garbage, not a JPEG")
+    loader = build(copy, "cpu")
+    with pytest.warns(UserWarning, match="skipped bad data"):
+        _, _, keys = all_batches(loader)
+    assert loader.skipped == 1 and len(keys) == split["samples"] - 1
+    with pytest.raises(RuntimeError, match="shard"):
+        all_batches(build(copy, "dali"))
+
+
+def test_sample_missing_a_component(data, tmp_path):
+    copy, split = damaged_copy(data, tmp_path)
+    rewrite_member(copy / split["shards"]["rgb"][0]["tar"], ".cls", None)
+    loader = build(copy, "cpu")
+    with pytest.warns(UserWarning, match="skipped bad data"):
+        _, _, keys = all_batches(loader)
+    assert loader.skipped == 1 and len(keys) == split["samples"] - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, keys = all_batches(build(copy, "dali"))  # DALI skips such samples
+    assert len(keys) == split["samples"] - 1
+
+
+def test_clear_errors_before_any_work(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="pack the data first"):
+        loaders.build(tmp_path / "nothing", "val", "rgb", False, 8)
+    with pytest.raises(ValueError, match="no split 'test'"):
+        loaders.build(data, "test", "rgb", False, 8)
+    with pytest.raises(ValueError, match="modality"):
+        loaders.build(data, "val", "depth", False, 8)
+    with pytest.raises(ValueError, match="flow-len 2"):
+        loaders.build(data, "val", "flow", False, 8, flow_len=5)
+    from conftest import run_pack
+
+    csv = tmp_path / "k.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split\na,nothere,0,10,train\n")
+    (tmp_path / "videos").mkdir()
+    run_pack("--csv", csv, "--videos", tmp_path / "videos", "--out", tmp_path / "empty", "--workers", "1")
+    with pytest.raises(ValueError, match="no rgb shards"):
+        loaders.build(tmp_path / "empty", "train", "rgb", True, 8)
