@@ -116,9 +116,12 @@ def param_groups(model: nn.Module, args) -> list[dict]:
 
 def check_before_work(args) -> list[str]:
     """Fail fast, before any model or loader is built, on what the user must fix."""
-    stream = open_stream(args.data, args.train_split, args.modality, args.flow_len)
-    if args.val_split:
-        open_stream(args.data, args.val_split, args.modality, args.flow_len)
+    try:
+        stream = open_stream(args.data, args.train_split, args.modality, args.flow_len)
+        if args.val_split:
+            open_stream(args.data, args.val_split, args.modality, args.flow_len)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     if not stream.classes:
         raise SystemExit(f"error: {args.data} has no class list (was the training split packed from a labelled CSV?)")
     if args.pretrained and args.pretrained != "imagenet" and not Path(args.pretrained).is_file():
@@ -237,7 +240,8 @@ def plot_curves(history: dict, path: Path) -> None:
     ax2.set(xlabel="iteration", ylabel="accuracy", title="validation accuracy", ylim=(0, 1))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

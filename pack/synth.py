@@ -19,7 +19,8 @@ import numpy as np
 
 from .csvs import crawler_stem
 
-COLOURS = {"red": (1.0, 0.25, 0.2), "green": (0.25, 0.8, 0.2), "blue": (0.3, 0.4, 1.0), "yellow": (0.9, 0.8, 0.15)}
+COLOURS = {"red": (1.0, 0.3, 0.3), "green": (0.2, 0.7, 0.2), "blue": (0.35, 0.45, 1.0), "yellow": (0.6, 0.6, 0.1)}
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601, as video and OpenCV's grey conversion
 # Vertical only: a horizontal flip, the standard augmentation, must not change the label.
 DIRECTIONS = {"up": (0, -1), "down": (0, 1)}
 ID_CHARS = string.ascii_letters + string.digits + "-_"
@@ -39,7 +40,8 @@ def render(rng: np.random.Generator, colour, direction, frames: int, width: int,
     disc = ((yy - height // 2) ** 2 + (xx - width // 2) ** 2 <= radius**2).astype(np.float32)
     sprite = 0.55 + 0.45 * texture(rng, height, width, 1.5)
     x0, y0 = rng.uniform(0, width), rng.uniform(0, height)  # a single frame says nothing of direction
-    tint = np.array(colour, np.float32)
+    # Every colour at the same luma: flow, computed on grey frames, cannot tell them apart.
+    tint = np.array(colour, np.float32) * (0.5 / float(np.dot(colour, LUMA)))
     for t in range(frames):
         dx, dy = round(x0 + direction[0] * speed * t), round(y0 + direction[1] * speed * t)
         mask = np.roll(disc, (dy, dx), axis=(0, 1))[..., None]

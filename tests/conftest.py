@@ -39,3 +39,29 @@ def data(synth, tmp_path_factory) -> Path:
         assert run_pack("--csv", synth / f"{split}.csv", "--videos", synth / "videos", "--out", out,
                         "--workers", "2", *PACK_ARGS) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def trained(data, tmp_path_factory) -> dict:
+    """Both streams trained briefly on the synthetic set, and their val scores."""
+    import numpy as np
+
+    import score
+    import train
+
+    root = tmp_path_factory.mktemp("trained")
+    out = {}
+    for modality in ("rgb", "flow"):
+        save = root / modality
+        train.main(train.get_args_parser().parse_args([
+            "--data", str(data), "--modality", modality, "--arch", "resnet18", "--input-size", "48",
+            "--batch-size", "16", "--lr", "0.01", "--max-iterations", "150", "--step-values", "110",
+            "--val-every", "75", "--val-batches", "4", "--ckpt-every", "75", "--workers", "2", "--log-every", "10",
+            "--save-dir", str(save)]))
+        scores = root / f"{modality}_val.npz"
+        score.main(score.get_args_parser().parse_args([
+            "--checkpoint", str(save / "latest.pt"), "--data", str(data), "--split", "val", "--out", str(scores),
+            "--workers", "1"]))
+        out[modality], out[f"{modality}_npz"] = save, scores
+        out[f"{modality}_scores"] = dict(np.load(scores))
+    return out
