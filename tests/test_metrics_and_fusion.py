@@ -1,0 +1,111 @@
+"""Metrics against hand-computed cases, fusion on constructed scores, score files and result JSON."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import fuse
+import metrics
+
+
+def test_topk_with_ties_counts_against_the_prediction():
+    scores = np.array([[0.5, 0.5, 0.0],   # tie between true class 0 and class 1: not top-1, is top-2
+                       [0.2, 0.7, 0.1],   # true 1: top-1
+                       [0.6, 0.3, 0.1],   # true 2: third
+                       [1 / 3, 1 / 3, 1 / 3]])  # all tied: never right within top-2
+    labels = np.array([0, 1, 2, 0])
+    assert metrics.true_class_rank(scores, labels).tolist() == [1, 0, 2, 2]
+    assert metrics.topk_accuracy(scores, labels, 1) == 0.25
+    assert metrics.topk_accuracy(scores, labels, 2) == 0.5
+    assert metrics.topk_accuracy(scores, labels, 3) == 1.0
+    assert metrics.mean_error(0.25, 1.0) == 0.375
+
+
+def test_average_precision_by_hand():
+    # ranked: +, -, +, -  -> precision at the positives 1/1 and 2/3: AP = (1 + 2/3) / 2
+    assert metrics.average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0], bool)) == pytest.approx(5 / 6)
+    # a tie between a positive and a negative is one threshold: precision 1/2 there
+    assert metrics.average_precision(np.array([0.5, 0.5]), np.array([1, 0], bool)) == pytest.approx(0.5)
+    # a class with no positive has no AP and is left out of the mean
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0]])
+    mAP, left_out = metrics.mean_average_precision(scores, np.array([0, 1, 0]))
+    assert left_out == 1 and mAP == pytest.approx((1.0 + 1.0) / 2)
+
+
+def test_video_scores_mean_and_class_topk():
+    frames = np.array([[0.9, 0.1], [0.1, 0.9], [0.2, 0.8], [0.6, 0.4]])
+    videos = np.array(["b", "a", "a", "a"])
+    ids, mean = metrics.video_scores(frames, videos)
+    assert ids.tolist() == ["a", "b"]
+    assert mean[0] == pytest.approx([0.3, 0.7]) and mean[1] == pytest.approx([0.9, 0.1])
+    _, top1 = metrics.video_scores(frames, videos, class_topk=1)
+    assert top1[0] == pytest.approx([0.6, 0.9])
+
+
+def test_per_class_accuracy_and_confusion():
+    scores = np.array([[0.9, 0.1, 0], [0.2, 0.8, 0], [0.7, 0.3, 0]])
+    labels = np.array([0, 1, 1])
+    acc = metrics.per_class_accuracy(scores, labels)
+    assert acc[0] == 1.0 and acc[1] == 0.5 and np.isnan(acc[2])
+    assert metrics.confusion_matrix(scores, labels).tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 0]]
+
+
+def write_scores(path, videos: dict[str, tuple[int, list[float]]], modality: str, classes=("a", "b"), split="val"):
+    """A score.py-format file with one frame per video."""
+    keys = sorted(videos)
+    np.savez(path, keys=np.array([f"{v}/000000" for v in keys]), videos=np.array(keys), frames=np.zeros(len(keys), int),
+             labels=np.array([videos[v][0] for v in keys]), scores=np.array([videos[v][1] for v in keys], np.float32),
+             logits=np.log(np.array([videos[v][1] for v in keys], np.float32)), classes=np.array(classes),
+             meta=np.array(json.dumps({"modality": modality, "split": split})))
+    return path
+
+
+def run_fuse(*argv) -> dict:
+    return fuse.main(fuse.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_fusion_weights_change_the_result_as_expected(tmp_path):
+    # RGB is sure and wrong on v1, right on v2; flow is mildly right on v1, mildly wrong on v2.
+    rgb = write_scores(tmp_path / "rgb.npz", {"v1": (1, [0.9, 0.1]), "v2": (0, [0.9, 0.1])}, "rgb")
+    flow = write_scores(tmp_path / "flow.npz", {"v1": (1, [0.3, 0.7]), "v2": (0, [0.4, 0.6])}, "flow")
+    equal = run_fuse(rgb, flow, "--out", tmp_path / "a")["rows"]
+    assert equal["RGB"]["video_top1"] == 0.5 and equal["Flow"]["video_top1"] == 0.5
+    assert equal["RGB+FLOW"]["video_top1"] == 0.5  # RGB's confidence wins v1 and v2 alike
+    flow_heavy = run_fuse(rgb, flow, "--weights", "1", "3", "--out", tmp_path / "b")["rows"]["RGB+FLOW"]
+    # v1: (0.9 + 3 * 0.3) / 4 = 0.45 for a -> b wins (right); v2: (0.9 + 1.2) / 4 = 0.525 for a (right)
+    assert flow_heavy["video_top1"] == 1.0
+    only_flow = run_fuse(rgb, flow, "--weights", "0", "1", "--out", tmp_path / "c")["rows"]["RGB+FLOW"]
+    assert only_flow["video_top1"] == equal["Flow"]["video_top1"]
+    assert (tmp_path / "b" / "results.md").read_text().startswith("| stream |")
+    assert (tmp_path / "b" / "confusion.png").stat().st_size > 1000
+    report = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert report["rows"]["RGB+FLOW"]["per_class_accuracy"] == [1.0, 1.0]
+
+
+def test_videos_missing_from_a_stream_are_counted_and_fused_from_what_is_there(tmp_path):
+    rgb = write_scores(tmp_path / "rgb.npz", {"v1": (0, [0.8, 0.2]), "v2": (1, [0.3, 0.7])}, "rgb")
+    flow = write_scores(tmp_path / "flow.npz", {"v1": (0, [0.6, 0.4])}, "flow")
+    report = run_fuse(rgb, flow, "--out", tmp_path)
+    assert report["videos_missing_per_stream"] == {"RGB": 0, "Flow": 1}
+    assert report["rows"]["RGB+FLOW"]["videos"] == 2 and report["rows"]["RGB+FLOW"]["video_top1"] == 1.0
+
+
+def test_mismatched_classes_are_an_error(tmp_path):
+    rgb = write_scores(tmp_path / "rgb.npz", {"v1": (0, [0.8, 0.2])}, "rgb")
+    flow = write_scores(tmp_path / "flow.npz", {"v1": (0, [0.6, 0.4])}, "flow", classes=("a", "c"))
+    with pytest.raises(SystemExit, match="another class list"):
+        run_fuse(rgb, flow, "--out", tmp_path)
+
+
+def test_search_weights_tunes_on_one_split_and_reports_on_another(tmp_path):
+    tune = [write_scores(tmp_path / "rt.npz", {"t1": (1, [0.9, 0.1]), "t2": (0, [0.9, 0.1])}, "rgb", split="val"),
+            write_scores(tmp_path / "ft.npz", {"t1": (1, [0.3, 0.7]), "t2": (0, [0.4, 0.6])}, "flow", split="val")]
+    test = [write_scores(tmp_path / "r.npz", {"v1": (1, [0.9, 0.1]), "v2": (0, [0.9, 0.1])}, "rgb", split="test"),
+            write_scores(tmp_path / "f.npz", {"v1": (1, [0.3, 0.7]), "v2": (0, [0.4, 0.6])}, "flow", split="test")]
+    report = run_fuse(*test, "--search-weights", *tune, "--out", tmp_path / "o")
+    assert report["weights"][0] == 1.0 and 2.0 < report["weights"][1] < 4.0  # flow must outweigh RGB here
+    assert report["rows"]["RGB+FLOW"]["video_top1"] == 1.0
+    with pytest.raises(SystemExit, match="another split"):
+        run_fuse(*test, "--search-weights", *test, "--out", tmp_path / "p")
