@@ -2,10 +2,12 @@
 
     python fuse.py scores/rgb_val.npz scores/flow_val.npz --weights 1 1.5 --out results/
 
-Fusion is a weighted average of the streams' softmax scores by default: probabilities are
-on one scale whatever each network's confidence, where logits of separately trained
-networks are not (--fuse-on logits averages logits instead). A video or frame missing
-from a stream is fused from the streams that have it, and counted in the report.
+Fusion is a weighted average of the streams' logits (scores before softmax) by default, as
+TSN fuses its streams. Averaging logits multiplies the streams' probabilities, so a stream
+that is sure a class is wrong can veto it; averaging softmax scores (--fuse-on scores)
+lets a stream that is overconfident where it is blind (RGB on motion direction) outvote
+the stream that knows. A video or frame missing from a stream is fused from the streams
+that have it, and counted in the report.
 """
 from __future__ import annotations
 
@@ -128,7 +130,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scores", nargs="+", type=Path, help="score.py files, one per stream, of the split to report on")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per stream (default: all 1)")
-    p.add_argument("--fuse-on", default="scores", choices=["scores", "logits"], help="average softmax scores (default) or logits")
+    p.add_argument("--fuse-on", default="logits", choices=["logits", "scores"],
+                   help="average logits (default: a product of the streams' probabilities) or softmax scores")
     p.add_argument("--class-topk", type=int, help="video scores by per-class top-K frame mean (default: as scored)")
     p.add_argument("--search-weights", nargs="+", type=Path, metavar="TUNE_SCORES",
                    help="score files of another split (same streams, same order) to choose the weights on")

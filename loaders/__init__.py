@@ -12,12 +12,13 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
           backend: str = "auto", device: str | torch.device | None = None, flow_len: int | None = None,
           resize_ratio: float = 1.1, scale_jitter: tuple[float, float] | None = None, rank: int = 0,
           world_size: int = 1, workers: int = 4, shuffle_buffer: int = 4096, seed: int = 0, fp16: bool = False,
-          channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5)):
+          channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5), raw: bool = False):
     """A loader yielding (images, labels, keys) on `device`; keys (sample ids) in eval mode only.
 
     backend: "dali" (nvJPEG on the GPU, or DALI's CPU mode when device is the CPU), "cpu"
     (DataLoader workers), or "auto" (DALI on a GPU, the CPU loader otherwise).
     crop_pos: where eval crops sit, relative (0..1, 0..1); (0.5, 0.5) is the centre crop.
+    raw: (cpu backend) uint8 NHWC batches, not normalised: for benchmarks and custom pipelines.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stream = open_stream(data, split, modality, flow_len)
@@ -27,15 +28,17 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
                   scale_jitter=scale_jitter, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
                   seed=seed, fp16=fp16, channels_last=channels_last, crop_pos=crop_pos)
     if backend == "dali":
+        if raw:
+            raise ValueError("raw batches come from the cpu backend only")
         from .dali import DaliLoader  # imported here: DALI is only needed when used
 
-        on_gpu = device.type == "cuda"
-        return DaliLoader(**common, device="gpu" if on_gpu else "cpu", device_id=device.index or 0 if on_gpu else None,
-                          num_threads=workers)
+        if device.type == "cuda":
+            return DaliLoader(**common, device="gpu", device_id=device.index or 0, num_threads=workers)
+        return DaliLoader(**common, device="cpu", device_id=None, num_threads=workers)
     if backend == "cpu":
         from .cpu import CpuLoader
 
-        return CpuLoader(**common, device=device, num_workers=workers)
+        return CpuLoader(**common, device=device, num_workers=workers, raw=raw)
     raise ValueError(f"backend must be auto, dali or cpu, not {backend!r}")
 
 

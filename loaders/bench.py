@@ -115,6 +115,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=mp.cpu_count(), help="loader processes/threads, the same for all")
     p.add_argument("--seconds", type=float, default=20, help="measuring time per loader, after warm-up")
     p.add_argument("--device", default=None, help="where batches go (default: cuda if present, else cpu)")
+    p.add_argument("--raw", action="store_true",
+                   help="cpu backend: measure its uint8 batches before the device step (normalising on a GPU is ~free)")
     p.add_argument("--files-dir", type=Path, help="where the baseline's JPEG folders go (default: DATA/files-{split}-{modality})")
     return p
 
@@ -143,9 +145,11 @@ def main(args: argparse.Namespace) -> None:
     results["files"] = rate(files_batches, per_sample, args.seconds)
     print(f"{'files':>16}: {results['files']:8.0f} images/s (PIL + torchvision transforms, the baseline)")
     for backend in [b for b in args.backend if b != "files"]:
+        raw = args.raw and backend == "cpu"
         loader = loaders.build(args.data, args.split, args.modality, True, args.batch_size, crop=args.crop,
-                               backend=backend, device=device, flow_len=args.flow_len, workers=args.workers)
-        name = f"{backend} ({'nvJPEG' if backend == 'dali' and device.type == 'cuda' else 'CPU'})"
+                               backend=backend, device=device, flow_len=args.flow_len, workers=args.workers,
+                               **({"raw": True} if raw else {}))
+        name = f"{backend} ({'nvJPEG' if backend == 'dali' and device.type == 'cuda' else 'uint8' if raw else 'CPU'})"
         results[backend] = rate(lambda: loader, per_sample, args.seconds)
         print(f"{name:>16}: {results[backend]:8.0f} images/s = {results[backend] / results['files']:.2f}x files, "
               f"{100 * results[backend] / ceiling:.0f}% of the decode ceiling")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pack.manifest import load_manifest
@@ -90,12 +91,37 @@ def parse_cls(raw: torch.Tensor) -> torch.Tensor:
     return torch.where(raw[:, 0] == 45, -value, value)  # a leading '-' (unlabelled: -1)
 
 
-def normalise(images: torch.Tensor, stream: Stream, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """uint8 NHWC on the device -> normalised NCHW float (channels-last memory if asked)."""
-    mean = torch.tensor(stream.mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(stream.std, device=images.device).view(1, -1, 1, 1)
-    x = images.permute(0, 3, 1, 2).float().sub_(mean).div_(std).to(dtype)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+def normalise(images: torch.Tensor, stream: Stream, dtype: torch.dtype, channels_last: bool,
+              shared: bool = False) -> torch.Tensor:
+    """uint8 NHWC -> normalised NCHW float (channels-last memory if asked).
+
+    shared: build the result in shared memory (in a DataLoader worker: saves a copy on send).
+    """
+    n, h, w, c = images.shape
+    if images.device.type != "cpu":
+        mean = torch.tensor(stream.mean, device=images.device)
+        inv_std = 1.0 / torch.tensor(stream.std, device=images.device)
+        if channels_last:  # an NHWC buffer seen as NCHW is exactly the channels-last format
+            return images.to(dtype).sub_(mean.to(dtype)).mul_(inv_std.to(dtype)).permute(0, 3, 1, 2)
+        return images.permute(0, 3, 1, 2).to(dtype).sub_(mean.view(1, -1, 1, 1).to(dtype)).mul_(inv_std.view(1, -1, 1, 1).to(dtype))
+    # On the CPU, numpy plane by plane measured twice as fast as torch's strided kernels.
+    out = torch.empty((n, h, w, c) if channels_last else (n, c, h, w))
+    if shared:
+        out.share_memory_()
+    planes, pixels = out.numpy(), images.numpy()
+    mean = np.array(stream.mean, np.float32)
+    inv_std = 1.0 / np.array(stream.std, np.float32)
+    if channels_last:
+        planes[:] = pixels
+        planes -= mean
+        planes *= inv_std
+    else:
+        for i in range(c):
+            planes[:, i] = pixels[..., i]
+        planes -= mean[:, None, None]
+        planes *= inv_std[:, None, None]
+    out = out.permute(0, 3, 1, 2) if channels_last else out
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def flip_batch(images: torch.Tensor, stream: Stream) -> torch.Tensor:

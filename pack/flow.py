@@ -21,10 +21,14 @@ def make_flow_fn(method: str) -> FlowFn:
 
 
 def encode_flow(flow: np.ndarray, bound: float) -> np.ndarray:
-    """Flow (HxWx2) -> HxWx3 uint8 in RGB order: x, y, magnitude, each v*128/bound + 128."""
-    magnitude = np.sqrt(flow[..., 0] ** 2 + flow[..., 1] ** 2)
-    channels = np.stack([flow[..., 0], flow[..., 1], magnitude], axis=-1)
-    return np.clip(channels * (128.0 / bound) + 128.0, 0, 255).round().astype(np.uint8)
+    """Flow (HxWx2) -> HxWx3 uint8 in RGB order: x, y, magnitude, each v*128/bound + 128, rounded."""
+    out = np.empty(flow.shape[:2] + (3,), np.float32)
+    out[..., :2] = flow
+    out[..., 2] = cv2.magnitude(flow[..., 0], flow[..., 1])
+    out *= 128.0 / bound
+    out += 128.5  # + 0.5, then truncation: rounds to nearest
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
 
 
 def decode_flow(image: np.ndarray, bound: float) -> np.ndarray:

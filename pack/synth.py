@@ -64,7 +64,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int, codec: str) -> N
             container.mux(packet)
 
 
-def make_dataset(out: Path, colours: int = 3, directions: int = 2, train_per_class: int = 10,
+def make_dataset(out: Path, colours: int = 3, directions: int = 2, train_per_class: int = 16,
                  val_per_class: int = 4, frames: int = 32, width: int = 128, height: int = 96,
                  speed: float = 3.0, fps: int = 25, codec: str = "libx264", seed: int = 0) -> list[str]:
     """Write out/videos/{split}/{label}/*.mp4 and out/{split}.csv; return the class labels."""
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for videos/ and train.csv, val.csv")
     p.add_argument("--colours", type=int, default=3, choices=range(1, len(COLOURS) + 1), help="number of colours")
     p.add_argument("--directions", type=int, default=2, choices=range(1, len(DIRECTIONS) + 1), help="number of motion directions")
-    p.add_argument("--train-per-class", type=int, default=10, help="training videos per class")
+    p.add_argument("--train-per-class", type=int, default=16, help="training videos per class")
     p.add_argument("--val-per-class", type=int, default=4, help="validation videos per class")
     p.add_argument("--frames", type=int, default=32, help="frames per video")
     p.add_argument("--size", default="128x96", help="WIDTHxHEIGHT of the videos")

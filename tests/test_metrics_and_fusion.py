@@ -70,18 +70,27 @@ def test_fusion_weights_change_the_result_as_expected(tmp_path):
     # RGB is sure and wrong on v1, right on v2; flow is mildly right on v1, mildly wrong on v2.
     rgb = write_scores(tmp_path / "rgb.npz", {"v1": (1, [0.9, 0.1]), "v2": (0, [0.9, 0.1])}, "rgb")
     flow = write_scores(tmp_path / "flow.npz", {"v1": (1, [0.3, 0.7]), "v2": (0, [0.4, 0.6])}, "flow")
-    equal = run_fuse(rgb, flow, "--out", tmp_path / "a")["rows"]
+    equal = run_fuse(rgb, flow, "--fuse-on", "scores", "--out", tmp_path / "a")["rows"]
     assert equal["RGB"]["video_top1"] == 0.5 and equal["Flow"]["video_top1"] == 0.5
     assert equal["RGB+FLOW"]["video_top1"] == 0.5  # RGB's confidence wins v1 and v2 alike
-    flow_heavy = run_fuse(rgb, flow, "--weights", "1", "3", "--out", tmp_path / "b")["rows"]["RGB+FLOW"]
+    flow_heavy = run_fuse(rgb, flow, "--fuse-on", "scores", "--weights", "1", "3", "--out", tmp_path / "b")["rows"]["RGB+FLOW"]
     # v1: (0.9 + 3 * 0.3) / 4 = 0.45 for a -> b wins (right); v2: (0.9 + 1.2) / 4 = 0.525 for a (right)
     assert flow_heavy["video_top1"] == 1.0
-    only_flow = run_fuse(rgb, flow, "--weights", "0", "1", "--out", tmp_path / "c")["rows"]["RGB+FLOW"]
+    only_flow = run_fuse(rgb, flow, "--fuse-on", "scores", "--weights", "0", "1", "--out", tmp_path / "c")["rows"]["RGB+FLOW"]
     assert only_flow["video_top1"] == equal["Flow"]["video_top1"]
     assert (tmp_path / "b" / "results.md").read_text().startswith("| stream |")
     assert (tmp_path / "b" / "confusion.png").stat().st_size > 1000
     report = json.loads((tmp_path / "b" / "results.json").read_text())
     assert report["rows"]["RGB+FLOW"]["per_class_accuracy"] == [1.0, 1.0]
+
+
+def test_logit_fusion_lets_a_stream_veto_what_it_is_sure_is_wrong(tmp_path):
+    # RGB leans to class a; flow is sure it is not a. Averaged probabilities follow RGB (a),
+    # averaged logits (a product of probabilities, the default) follow the veto (b, right).
+    rgb = write_scores(tmp_path / "rgb.npz", {"v1": (1, [0.8, 0.15, 0.05])}, "rgb", classes=("a", "b", "c"))
+    flow = write_scores(tmp_path / "flow.npz", {"v1": (1, [0.001, 0.5, 0.499])}, "flow", classes=("a", "b", "c"))
+    assert run_fuse(rgb, flow, "--fuse-on", "scores", "--out", tmp_path / "s")["rows"]["RGB+FLOW"]["video_top1"] == 0.0
+    assert run_fuse(rgb, flow, "--out", tmp_path / "l")["rows"]["RGB+FLOW"]["video_top1"] == 1.0
 
 
 def test_videos_missing_from_a_stream_are_counted_and_fused_from_what_is_there(tmp_path):
