@@ -363,9 +363,10 @@ def main(args: argparse.Namespace) -> dict:
         if done % args.log_every == 0 or done == args.max_iterations:
             mean_loss = loss_sum.item() / steps  # .item() waits for the device: the timing below is real
             elapsed = time.perf_counter() - window_start
-            totals["wait"] += wait
-            totals["wall"] += elapsed
-            totals["images"] += images_seen
+            if history["train"] or done == args.max_iterations:  # the first window (warm-up) is left out
+                totals["wait"] += wait
+                totals["wall"] += elapsed
+                totals["images"] += images_seen
             lr = scheduler.get_last_lr()[0]
             speed, waiting = images_seen / elapsed, wait / elapsed
             history["train"].append((done, mean_loss))
