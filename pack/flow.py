@@ -21,14 +21,16 @@ def make_flow_fn(method: str) -> FlowFn:
 
 
 def encode_flow(flow: np.ndarray, bound: float) -> np.ndarray:
-    """Flow (HxWx2) -> HxWx3 uint8 in RGB order: x, y, magnitude, each v*128/bound + 128, rounded."""
-    out = np.empty(flow.shape[:2] + (3,), np.float32)
-    out[..., :2] = flow
-    out[..., 2] = cv2.magnitude(flow[..., 0], flow[..., 1])
-    out *= 128.0 / bound
-    out += 128.5  # + 0.5, then truncation: rounds to nearest
-    np.clip(out, 0, 255, out=out)
-    return out.astype(np.uint8)
+    """Flow (HxWx2) -> HxWx3 uint8 in OpenCV's BGR order (B = magnitude, G = y, R = x), so that
+    its JPEG decodes as RGB = (x, y, magnitude). Each channel is round(v * 128 / bound + 128),
+    clipped to 0..255, in one saturating OpenCV pass per channel."""
+    x, y = np.ascontiguousarray(flow[..., 0]), np.ascontiguousarray(flow[..., 1])  # faster than cv2.split
+    scale = 128.0 / bound
+
+    def to_uint8(channel: np.ndarray) -> np.ndarray:
+        return cv2.addWeighted(channel, scale, channel, 0.0, 128.0, dtype=cv2.CV_8U)
+
+    return cv2.merge([to_uint8(cv2.magnitude(x, y)), to_uint8(y), to_uint8(x)])
 
 
 def decode_flow(image: np.ndarray, bound: float) -> np.ndarray:

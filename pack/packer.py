@@ -85,8 +85,7 @@ def pack_video(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer) -> tupl
         if i not in flows:
             f = flow_fn(gray[i], gray[i + 1])
             timer.lap("flow")
-            image = encode_flow(f, p.flow_bound)[..., ::-1]  # RGB (x, y, mag) -> BGR for OpenCV
-            flows[i] = encode_jpeg(np.ascontiguousarray(image), p.quality, full_chroma=True)
+            flows[i] = encode_jpeg(encode_flow(f, p.flow_bound), p.quality, full_chroma=True)
             timer.lap("encode")
         return flows[i]
 
