@@ -9,13 +9,11 @@ latest good checkpoint with the same learning-rate schedule and ends at the same
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib.util
 import json
-import math
 import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -127,6 +125,9 @@ def check_before_work(args) -> list[str]:
         raise SystemExit(f"error: {args.data} has no class list (was the training split packed from a labelled CSV?)")
     if args.pretrained and args.pretrained != "imagenet" and not Path(args.pretrained).is_file():
         raise SystemExit(f"error: --pretrained {args.pretrained}: no such file")
+    if args.visdom and importlib.util.find_spec("visdom") is None:
+        raise SystemExit("error: --visdom needs the visdom package (pip install visdom) and a running "
+                         "server (python -m visdom.server)")
     if args.resume and not checkpoints(args.save_dir):
         raise SystemExit(f"error: --resume: no checkpoint in {args.save_dir} to resume from")
     return stream.classes

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator

@@ -119,8 +119,8 @@ def main(args: argparse.Namespace) -> int:
     on_disk = index_videos(args.videos)
     mine = [g for g in range(len(groups)) if g % args.num_parts == args.part]
     todo = [g for g in mine if not (split_dir / "records" / f"{g:05d}.json").exists()]
-    for g in todo:  # temporaries of a killed run of this part
-        for tmp in split_dir.glob(f"*/.shard-{g:05d}-*.tmp*"):
+    for g in todo:  # temporaries of a killed run of this part: shards, indexes, records
+        for tmp in split_dir.glob(f"*/.*{g:05d}*.tmp*"):
             tmp.unlink()
     jobs = {g: [{**v, "path": str(on_disk.get(v["id"]) or on_disk.get(v["youtube_id"]) or "") or None}
                 for v in groups[g]] for g in todo}

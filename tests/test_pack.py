@@ -1,7 +1,6 @@
 """Packing real footage, flow correctness, broken inputs, kill and resume, reading shards back."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
