@@ -58,19 +58,29 @@ def read_shard(tar: str, index: str, every: int = 1, offset: int = 0):
             yield sample
 
 
-def resize_crop(image: np.ndarray, short: float, crop: int, pos: tuple[float, float], flip: bool) -> np.ndarray:
-    """Resize so the short side is `short`, cut the crop x crop window at relative pos, mirror.
+def resize_crop(image: np.ndarray, short: float, crop: int, pos: tuple[float, float], flip: bool,
+                exact: bool = True) -> np.ndarray:
+    """The crop x crop window at relative pos of the image resized to short side `short`, mirrored if asked.
 
-    The same geometry as DALI's resize then crop_mirror_normalize (sizes and offsets
-    rounded as DALI rounds them), so that both loaders give the same eval crops.
+    exact: resize the whole image, then cut, with DALI's sizes and rounding, so that both
+    loaders give the same eval crops. Otherwise (training) cut the window's footprint from
+    the source and resize only that: a fraction of a pixel off, a third less work.
     """
     height, width = image.shape[:2]
     scale = short / min(height, width)
     out_h, out_w = max(crop, round(height * scale)), max(crop, round(width * scale))
-    if (out_h, out_w) != (height, width):
-        image = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR)
     x0, y0 = int(pos[0] * (out_w - crop) + 0.5), int(pos[1] * (out_h - crop) + 0.5)  # DALI rounds half up
-    window = image[y0:y0 + crop, x0:x0 + crop]
+    interpolation = cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR
+    if exact:
+        if (out_h, out_w) != (height, width):
+            image = cv2.resize(image, (out_w, out_h), interpolation=interpolation)
+        window = image[y0:y0 + crop, x0:x0 + crop]
+    else:
+        size_y, size_x = min(height, round(crop * height / out_h)), min(width, round(crop * width / out_w))
+        top, left = min(round(y0 * height / out_h), height - size_y), min(round(x0 * width / out_w), width - size_x)
+        window = image[top:top + size_y, left:left + size_x]
+        if window.shape[:2] != (crop, crop):
+            window = cv2.resize(window, (crop, crop), interpolation=interpolation)
     return cv2.flip(window, 1) if flip else np.ascontiguousarray(window)
 
 
@@ -111,8 +121,8 @@ class ShardSamples(IterableDataset):
         short = crop * self.resize_ratio * (rng.uniform(*self.scale_jitter) if self.train and self.scale_jitter else 1.0)
         pos = (rng.random(), rng.random()) if self.train else self.crop_pos
         flip = self.train and rng.random() < 0.5
-        images = [resize_crop(decode(sample[ext], math.ceil(short), fast=self.train), short, crop, pos, flip)
-                  for ext in stream.exts]
+        images = [resize_crop(decode(sample[ext], math.ceil(short), fast=self.train), short, crop, pos, flip,
+                              exact=not self.train) for ext in stream.exts]
         image = images[0] if len(images) == 1 else np.concatenate(images, axis=2)
         if flip and stream.modality == "flow":
             image[..., 0::3] = 255 - image[..., 0::3]  # flow x is negated by a horizontal flip
