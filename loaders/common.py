@@ -75,6 +75,19 @@ def open_stream(data: str | Path, split: str, modality: str, flow_len: int | Non
                   classes=manifest["classes"])
 
 
+def truncated_shards(stream: Stream) -> list[str]:
+    """Shards shorter than their index says (a copy or download cut short), read from the index tails."""
+    bad = []
+    for tar, index in zip(stream.tars, stream.indexes):
+        with open(index, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            fields = f.read().decode().strip().splitlines()[-1].split()
+        end = max(int(start) + int(size) for start, size in zip(fields[1::4], fields[2::4]))
+        if Path(tar).stat().st_size < end:
+            bad.append(tar)
+    return bad
+
+
 def key_of(member_name: str) -> str:
     """Sample key of a tar member name: `vid/000012.rgb.jpg` -> `vid/000012` (WebDataset's rule)."""
     dot = member_name.find(".", member_name.rfind("/") + 1)

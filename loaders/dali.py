@@ -12,7 +12,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .common import Stream, key_of, parse_cls
+from .common import Stream, key_of, parse_cls, truncated_shards
 
 LABEL_BYTES = 8  # `cls` is an ASCII integer; padded to this width to batch it
 
@@ -89,6 +89,10 @@ class DaliLoader:
             outputs = ["images", "labels", "where"]
         self.stream = stream
         self.skipped = 0  # DALI fails loudly on bad data instead of skipping it
+        truncated = truncated_shards(stream)
+        if truncated:  # DALI would fail later, without saying which shard
+            raise RuntimeError(f"{len(truncated)} shard(s) shorter than their index says: {truncated[:3]}; "
+                               f"re-pack or re-copy them, or use --backend cpu, which skips what it cannot read")
         with self._naming_shards():  # building the iterator already runs the pipeline (prefetch)
             self._iter = DALIGenericIterator(
                 pipe, outputs, reader_name="Reader", auto_reset=True,

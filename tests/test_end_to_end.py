@@ -53,3 +53,17 @@ def test_a_split_without_labels_gives_predictions_only(data, synth, trained, tmp
     z = np.load(out)
     assert (z["labels"] == -1).all() and len(set(z["videos"])) == 12
     assert len(json.loads(out.with_suffix(".json").read_text())["results"]) == 12
+
+
+def test_test_time_views_average_over_crops_and_flips(data, trained, tmp_path, capsys):
+    common = ["--checkpoint", str(trained["flow"] / "latest.pt"), "--data", str(data), "--split", "val", "--workers", "1"]
+    centre = np.load(trained["flow_npz"])
+    for tta in ("3crop", "10crop"):
+        out = tmp_path / f"{tta}.npz"
+        score.main(score.get_args_parser().parse_args([*common, "--out", str(out), "--tta", tta]))
+        assert "not seen in every view" not in capsys.readouterr().out
+        z = np.load(out)
+        assert z["keys"].tolist() == centre["keys"].tolist()
+        assert np.allclose(z["scores"].sum(1), 1.0, atol=1e-4)
+        assert not np.allclose(z["scores"], centre["scores"])  # other views, other scores
+        assert json.loads(str(z["meta"]))["tta"] == tta
