@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from .flow import FlowFn, encode_flow, make_flow_fn
 from .shards import ShardWriter, atomic_write_json
@@ -61,7 +62,7 @@ def pack_video(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer) -> tupl
     t+i+1 does not exist, the last flow of the video (frames n-2 -> n-1) is repeated.
     Frames are converted, and flow computed, only where a sample needs them.
     """
-    size = None
+    size, reformatter = None, VideoReformatter()
     gray: dict[int, np.ndarray] = {}  # converted frames still needed, by index
     rgb: dict[int, bytes] = {}  # encoded RGB of sampled frames not yet emitted
     flows: dict[int, bytes] = {}  # encoded flow of pair (i -> i+1), by i
@@ -73,7 +74,7 @@ def pack_video(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer) -> tupl
 
     def gray_of(i: int, frame) -> np.ndarray:
         if i not in gray:
-            bgr = to_bgr(frame, size)
+            bgr = to_bgr(frame, size, reformatter)
             timer.lap("decode")
             if i % p.stride == 0:
                 rgb[i] = encode_jpeg(bgr, p.quality)
