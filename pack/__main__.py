@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from .csvs import Clip, class_list, read_class_file, read_clips
+from .csvs import SPLIT_ALIASES, Clip, class_list, read_class_file, read_clips
 from .manifest import load_manifest, read_json, write_manifest
 from .packer import PackParams, pack_group
 from .shards import atomic_write_json
@@ -55,6 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def choose_split(clips: list[Clip], split: str | None, csv: Path) -> str:
     splits = sorted({c.split for c in clips})
+    split = SPLIT_ALIASES.get(split, split)
     if split is None:
         if len(splits) != 1:
             raise SystemExit(f"error: {csv} holds splits {splits}; choose one with --split")

@@ -30,6 +30,9 @@ def test_test_csv_has_no_label(tmp_path):
 def test_kinetics700_validate_split_is_val(tmp_path):
     clips = read_clips(write(tmp_path, "label,youtube_id,time_start,time_end,split\nx,abc,0,10,validate\n"))
     assert clips[0].split == "val"
+    from pack.__main__ import choose_split
+
+    assert choose_split(clips, "validate", tmp_path / "k.csv") == choose_split(clips, None, tmp_path / "k.csv") == "val"
 
 
 def test_given_class_order_is_kept_and_unknown_labels_refused(tmp_path):
