@@ -8,7 +8,6 @@ the device (loaders.common.normalise); on a CPU-only machine, in the workers.
 """
 from __future__ import annotations
 
-import functools
 import math
 import mmap
 import multiprocessing as mp
@@ -85,13 +84,19 @@ def resize_crop(image: np.ndarray, short: float, crop: int, pos: tuple[float, fl
 
 
 class ShardSamples(IterableDataset):
-    """Decoded, augmented uint8 samples of this rank's and worker's part of a stream."""
+    """Batches of decoded, augmented samples of this rank's and worker's part of a stream.
+
+    Each worker writes its samples straight into a batch in shared memory (no stacking, no
+    copy on the way to the main process); normalise_as: normalise there too (CPU training).
+    """
 
     def __init__(self, stream: Stream, train: bool, crop: int, resize_ratio: float, scale_jitter, rank: int,
-                 world_size: int, shuffle_buffer: int, seed: int, skipped, crop_pos: tuple[float, float]):
+                 world_size: int, shuffle_buffer: int, seed: int, skipped, crop_pos: tuple[float, float],
+                 batch_size: int, normalise_as: tuple | None):
         self.stream, self.train, self.crop, self.resize_ratio = stream, train, crop, resize_ratio
         self.scale_jitter, self.rank, self.world_size = scale_jitter, rank, world_size
         self.shuffle_buffer, self.seed, self.skipped, self.crop_pos = shuffle_buffer, seed, skipped, crop_pos
+        self.batch_size, self.normalise_as = batch_size, normalise_as
         self.epoch = 0
 
     def _handler(self, exn: Exception) -> None:
@@ -135,21 +140,39 @@ class ShardSamples(IterableDataset):
             except (OSError, ValueError) as e:  # unreadable or truncated: the rest of it is lost
                 self._handler(e)
 
+    def _batch(self, images: torch.Tensor, labels: list[int], keys: list[str]):
+        if self.normalise_as is not None:
+            images = normalise(images, *self.normalise_as, shared=get_worker_info() is not None)
+        return images, torch.tensor(labels, dtype=torch.long), keys
+
     def __iter__(self):
         shards, every, offset = self._parts()
-        worker = get_worker_info().id if get_worker_info() else 0
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        in_worker = get_worker_info() is not None
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{get_worker_info().id if in_worker else 0}")
         self.epoch += 1
         samples = self._samples(shards, every, offset)
         if self.train and self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, rng)
+        shape = (self.batch_size, self.crop, self.crop, self.stream.channels)
+        images, labels, keys = None, [], []
         for sample in samples:
             try:
                 image, label = self._augment(sample, rng)
             except Exception as e:  # a corrupt JPEG, a missing component, a bad label
                 self._handler(ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {e!r}"))
                 continue
-            yield image, label, sample["__key__"]
+            if images is None:
+                images = torch.empty(shape, dtype=torch.uint8)
+                if in_worker and self.normalise_as is None:
+                    images.share_memory_()
+            images.numpy()[len(labels)] = image
+            labels.append(label)
+            keys.append(sample["__key__"])
+            if len(labels) == self.batch_size:
+                yield self._batch(images, labels, keys)
+                images, labels, keys = None, [], []
+        if labels and not self.train:  # training drops the last partial batch
+            yield self._batch(images[:len(labels)], labels, keys)
 
 
 class CpuLoader:
@@ -164,20 +187,20 @@ class CpuLoader:
         self.dtype = torch.float16 if fp16 else torch.float32
         self.channels_last = channels_last
         self._skipped = mp.get_context("fork").Value("l", 0)
-        self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, rank, world_size,
-                                    shuffle_buffer, seed, self._skipped, crop_pos)
-        self.samples = stream.samples // world_size
-        self.batch_size = batch_size
         # On a GPU, uint8 batches cross the bus and the GPU normalises them; without one, the
         # workers normalise in parallel rather than the main process alone.
         # raw: uint8 NHWC batches as the workers make them, with no device step at all.
         self.on_cpu, self.raw = self.device.type == "cpu", raw
         in_workers = self.on_cpu and not raw
-        collate = functools.partial(_collate, normalise_as=(stream, self.dtype, channels_last) if in_workers else None)
-        self.loader = DataLoader(
-            self.dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, worker_init_fn=_init_worker,
-            pin_memory=self.device.type == "cuda", drop_last=train, persistent_workers=train and num_workers > 0,
-            multiprocessing_context="fork" if num_workers > 0 else None, prefetch_factor=4 if num_workers else None)
+        self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, rank, world_size,
+                                    shuffle_buffer, seed, self._skipped, crop_pos, batch_size,
+                                    normalise_as=(stream, self.dtype, channels_last) if in_workers else None)
+        self.samples = stream.samples // world_size
+        self.batch_size = batch_size
+        self.loader = DataLoader(  # batch_size=None: the workers make the batches
+            self.dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_init_worker,
+            pin_memory=self.device.type == "cuda", persistent_workers=train and num_workers > 0,
+            multiprocessing_context="fork" if num_workers > 0 else None, prefetch_factor=2 if num_workers else None)
 
     @property
     def skipped(self) -> int:
@@ -215,11 +238,3 @@ def _shuffled(items, size: int, rng: random.Random):
 
 def _init_worker(_: int) -> None:
     cv2.setNumThreads(1)  # the workers are the parallelism
-
-
-def _collate(batch, normalise_as=None):
-    images, labels, keys = zip(*batch)
-    images = torch.from_numpy(np.stack(images))
-    if normalise_as is not None:
-        images = normalise(images, *normalise_as, shared=get_worker_info() is not None)
-    return images, torch.tensor(labels, dtype=torch.long), list(keys)
