@@ -2,9 +2,10 @@
 
 DataLoader workers read their share of the shards through the shards' DALI index files
 (one mapped file per shard, no tar parsing: it measured faster than webdataset's tar
-iterator), decode with libjpeg-turbo (simplejpeg), resize, crop and flip with OpenCV and
-numpy, and batch uint8. Conversion to float, normalisation and channels-last happen on
-the device (loaders.common.normalise); on a CPU-only machine, in the workers.
+iterator), decode with libjpeg-turbo (simplejpeg), resize, crop and flip with OpenCV, and
+write uint8 batches straight into shared memory. Conversion to float, normalisation and
+channels-last happen on the device (loaders.common.normalise); on a CPU-only machine, in
+the workers.
 """
 from __future__ import annotations
 
