@@ -141,15 +141,16 @@ class ShardSamples(IterableDataset):
             except (OSError, ValueError) as e:  # unreadable or truncated: the rest of it is lost
                 self._handler(e)
 
-    def _batch(self, images: torch.Tensor, labels: list[int], keys: list[str]):
+    def _batch(self, images: torch.Tensor, labels: list[int], keys: list[str], in_worker: bool):
         if self.normalise_as is not None:
-            images = normalise(images, *self.normalise_as, shared=get_worker_info() is not None)
+            images = normalise(images, *self.normalise_as, shared=in_worker)
         return images, torch.tensor(labels, dtype=torch.long), keys
 
     def __iter__(self):
         shards, every, offset = self._parts()
-        in_worker = get_worker_info() is not None
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{get_worker_info().id if in_worker else 0}")
+        info = get_worker_info()
+        in_worker = info is not None
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{info.id if in_worker else 0}")
         self.epoch += 1
         samples = self._samples(shards, every, offset)
         if self.train and self.shuffle_buffer > 1:
@@ -170,10 +171,10 @@ class ShardSamples(IterableDataset):
             labels.append(label)
             keys.append(sample["__key__"])
             if len(labels) == self.batch_size:
-                yield self._batch(images, labels, keys)
+                yield self._batch(images, labels, keys, in_worker)
                 images, labels, keys = None, [], []
         if labels and not self.train:  # training drops the last partial batch
-            yield self._batch(images[:len(labels)], labels, keys)
+            yield self._batch(images[:len(labels)], labels, keys, in_worker)
 
 
 class CpuLoader:
@@ -215,9 +216,10 @@ class CpuLoader:
     def __iter__(self):
         skipped_before = self.skipped
         for images, labels, keys in self.loader:
-            if not (self.on_cpu or self.raw):
-                images = normalise(images.to(self.device, non_blocking=True), self.stream, self.dtype, self.channels_last)
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), None if self.train else keys
+            images = images.to(self.device, non_blocking=True)
+            if not (self.on_cpu or self.raw):  # uint8 crossed the bus; the device normalises
+                images = normalise(images, self.stream, self.dtype, self.channels_last)
+            yield images, labels.to(self.device, non_blocking=True), None if self.train else keys
         if self.skipped > skipped_before:  # the workers' own warnings went to their stderr
             warnings.warn(f"skipped bad data: {self.skipped - skipped_before} bad sample(s) or shard(s) this epoch "
                           f"({self.skipped} in all); the reasons were printed above", stacklevel=2)
