@@ -18,7 +18,8 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
     backend: "dali" (nvJPEG on the GPU, or DALI's CPU mode when device is the CPU), "cpu"
     (DataLoader workers), or "auto" (DALI on a GPU, the CPU loader otherwise).
     crop_pos: where eval crops sit, relative (0..1, 0..1); (0.5, 0.5) is the centre crop.
-    raw: (cpu backend) uint8 NHWC batches, not normalised: for benchmarks and custom pipelines.
+    raw: (cpu backend) uint8 batches (N x images per sample x H x W x 3), not normalised, for
+    benchmarks and custom pipelines; in training a batch is valid until the next is asked for.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stream = open_stream(data, split, modality, flow_len)

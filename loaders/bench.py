@@ -10,6 +10,7 @@ a flow sample of --flow-len 5 counts 5.
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import platform
 import time
@@ -59,8 +60,8 @@ class FilesDataset(Dataset):
         return self.augment(torch.cat(images) * 255), 0
 
 
-def rate(batches, images_per_sample: int, seconds: float, warmup: int = 3) -> float:
-    """Images per second over `seconds`, after `warmup` batches; loops over epochs as needed."""
+def rate(batches, images_per_sample: int, seconds: float, warmup: int = 3) -> tuple[int, float]:
+    """(images, seconds) over about `seconds`, after `warmup` batches; loops over epochs as needed."""
     count, start, seen = 0, None, 0
     while True:
         for images, *_ in batches():
@@ -74,7 +75,30 @@ def rate(batches, images_per_sample: int, seconds: float, warmup: int = 3) -> fl
                 if time.perf_counter() - start >= seconds:
                     if images.is_cuda:
                         torch.cuda.synchronize()
-                    return count / (time.perf_counter() - start)
+                    return count, time.perf_counter() - start
+
+
+def fresh_loader_rate(make, images_per_sample: int, seconds: float) -> tuple[int, float]:
+    """rate() of a loader made for this turn, and gone with it (with its workers and their prefetching)."""
+    loader = make()
+    return rate(lambda: loader, images_per_sample, seconds)
+
+
+def in_turns(contenders: dict, rounds: int, seconds: float) -> dict[str, float]:
+    """Images per second of each contender, measured in turns: `rounds` times each, seconds/rounds a turn.
+
+    This machine has slow and fast spells of several seconds; taking turns spreads them
+    over all contenders alike, which measuring one after the other does not. Each turn
+    starts its loader's workers and stops them: work a loader has prefetched must not run
+    into the next one's turn (the files baseline's 2 batches a worker take seconds).
+    """
+    totals = {name: [0, 0.0] for name in contenders}
+    for _ in range(rounds):
+        for name, measure in contenders.items():
+            count, elapsed = measure(seconds / rounds)
+            totals[name][0] += count
+            totals[name][1] += elapsed
+    return {name: count / elapsed for name, (count, elapsed) in totals.items()}
 
 
 def _decode_all(jpegs: list[bytes]) -> int:
@@ -83,22 +107,26 @@ def _decode_all(jpegs: list[bytes]) -> int:
     return len(jpegs)
 
 
-def decode_ceiling(stream, processes: int, seconds: float) -> float:
-    """Raw JPEG decodes per second of the same images with the same number of processes."""
-    import webdataset as wds
+class DecodeCeiling:
+    """Raw JPEG decodes of the same images with the same number of processes: (images, seconds)."""
 
-    jpegs = []
-    for sample in wds.WebDataset(stream.tars, shardshuffle=False, empty_check=False):
-        jpegs += [sample[ext] for ext in stream.exts]
-        if len(jpegs) >= 2000:
-            break
-    chunks = [jpegs[i::processes * 4] for i in range(processes * 4)]
-    with mp.get_context("fork").Pool(processes) as pool:
-        pool.map(_decode_all, chunks[:processes])  # warm-up
+    def __init__(self, stream, processes: int):
+        import webdataset as wds
+
+        jpegs = []
+        for sample in wds.WebDataset(stream.tars, shardshuffle=False, empty_check=False):
+            jpegs += [sample[ext] for ext in stream.exts]
+            if len(jpegs) >= 2000:
+                break
+        self.chunks = [jpegs[i::processes * 4] for i in range(processes * 4)]
+        self.pool = mp.get_context("fork").Pool(processes)
+        self.pool.map(_decode_all, self.chunks[:processes])  # warm-up
+
+    def __call__(self, seconds: float) -> tuple[int, float]:
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            count += sum(pool.map(_decode_all, chunks))
-        return count / (time.perf_counter() - start)
+            count += sum(self.pool.map(_decode_all, self.chunks))
+        return count, time.perf_counter() - start
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -113,7 +141,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=224, help="crop size (the network's input size)")
     p.add_argument("--flow-len", type=int, help="flow images per sample (default: as packed)")
     p.add_argument("--workers", type=int, default=mp.cpu_count(), help="loader processes/threads, the same for all")
-    p.add_argument("--seconds", type=float, default=20, help="measuring time per loader, after warm-up")
+    p.add_argument("--seconds", type=float, default=20, help="measuring time per loader (over all its turns), after warm-up")
+    p.add_argument("--rounds", type=int, default=4, help="turns each loader takes (the --seconds split among them)")
     p.add_argument("--device", default=None, help="where batches go (default: cuda if present, else cpu)")
     p.add_argument("--raw", action="store_true",
                    help="cpu backend: measure its uint8 batches before the device step (normalising on a GPU is ~free)")
@@ -129,31 +158,33 @@ def main(args: argparse.Namespace) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {mp.cpu_count()} cores, {gpu}; "
           f"{args.modality} crop {args.crop}, batch {args.batch_size}, {args.workers} workers, "
           f"{per_sample} image(s) per sample, {stream.samples} samples")
-    results = {}
-    ceiling = decode_ceiling(stream, args.workers, args.seconds / 2)
-    print(f"{'decode ceiling':>16}: {ceiling:8.0f} images/s (simplejpeg, {args.workers} processes, no augmentation)")
+    contenders = {"decode ceiling": DecodeCeiling(stream, args.workers)}
+    names = {"decode ceiling": f"simplejpeg, {args.workers} processes, no augmentation",
+             "files": "PIL + torchvision transforms, the baseline"}
 
     folder = args.files_dir or args.data / f"files-{args.split}-{args.modality}"
     files = FilesDataset(export_files(stream, folder), args.crop, round(args.crop * 1.1), stream.mean, stream.std)
-    files_loader = DataLoader(files, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                              drop_last=True, persistent_workers=True, pin_memory=device.type == "cuda")
 
     def files_batches():
-        for images, labels in files_loader:
+        for images, labels in DataLoader(files, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                         drop_last=True, pin_memory=device.type == "cuda"):
             yield images.to(device, non_blocking=True), labels
 
-    results["files"] = rate(files_batches, per_sample, args.seconds)
-    print(f"{'files':>16}: {results['files']:8.0f} images/s (PIL + torchvision transforms, the baseline)")
+    contenders["files"] = lambda seconds: rate(files_batches, per_sample, seconds)
     for backend in [b for b in args.backend if b != "files"]:
         raw = args.raw and backend == "cpu"
-        loader = loaders.build(args.data, args.split, args.modality, True, args.batch_size, crop=args.crop,
-                               backend=backend, device=device, flow_len=args.flow_len, workers=args.workers,
-                               **({"raw": True} if raw else {}))
         name = f"{backend} ({'nvJPEG' if backend == 'dali' and device.type == 'cuda' else 'uint8' if raw else 'CPU'})"
-        results[backend] = rate(lambda: loader, per_sample, args.seconds)
-        print(f"{name:>16}: {results[backend]:8.0f} images/s = {results[backend] / results['files']:.2f}x files, "
-              f"{100 * results[backend] / ceiling:.0f}% of the decode ceiling")
-
+        make = functools.partial(loaders.build, args.data, args.split, args.modality, True, args.batch_size,
+                                 crop=args.crop, backend=backend, device=device, flow_len=args.flow_len,
+                                 workers=args.workers, **({"raw": True} if raw else {}))
+        contenders[name] = functools.partial(fresh_loader_rate, make, per_sample)
+    print(f"measuring {len(contenders)} in turns: {args.rounds} rounds of {args.seconds / args.rounds:.1f} s each")
+    results = in_turns(contenders, args.rounds, args.seconds)
+    ceiling, files_rate = results["decode ceiling"], results["files"]
+    for name, value in results.items():
+        comparison = names.get(name) or (f"= {value / files_rate:.2f}x files, "
+                                         f"{100 * value / ceiling:.0f}% of the decode ceiling")
+        print(f"{name:>16}: {value:8.0f} images/s {comparison}")
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())

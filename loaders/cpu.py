@@ -2,17 +2,27 @@
 
 DataLoader workers read their share of the shards through the shards' DALI index files
 (one mapped file per shard, no tar parsing: it measured faster than webdataset's tar
-iterator), decode with libjpeg-turbo (simplejpeg), resize, crop and flip with OpenCV, and
-write uint8 batches straight into shared memory. Conversion to float, normalisation and
-channels-last happen on the device (loaders.common.normalise); on a CPU-only machine, in
-the workers.
+iterator), decode with libjpeg-turbo, resize, crop and flip with OpenCV, and write uint8
+batches straight into shared memory. Conversion to float, normalisation and channels-last
+happen on the device (loaders.common.normalise); on a CPU-only machine, in the workers.
+
+Where the time goes, per training image, and what keeps it down:
+- decoding: only the part of the JPEG under the crop (the _jpeg_region C extension, as
+  DALI's random-crop decoder does); eval decodes whole images (simplejpeg);
+- resizing: only that part, straight into the batch (no copies);
+- batches: each worker reuses a few shared-memory batches (SharedBatches): fresh shared
+  memory costs a page fault per 4 KiB on first write, about a tenth of a decode an image;
+- flow: each image is written whole (N x L x H x W x 3; the device interleaves), a flip's
+  x negation is one XOR.
 """
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import multiprocessing as mp
 import random
+import time
 import warnings
 
 import cv2
@@ -23,18 +33,47 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .common import Stream, key_of, normalise
 
+try:
+    from ._jpeg_region import decode_region
+except ImportError:  # built without libjpeg-turbo's headers: whole images are decoded, then cut
+    decode_region = None
 
-def decode(jpeg: bytes, min_short: int, fast: bool = False) -> np.ndarray:
-    """RGB uint8; libjpeg-turbo decodes at the smallest DCT scale that keeps short side >= min_short.
 
-    fast: libjpeg-turbo's faster, slightly less exact IDCT and upsampling (for training).
-    """
+def scaled_size(jpeg: bytes, min_short: int) -> tuple[int, int, int]:
+    """(n, height, width): libjpeg's smallest DCT scale n/8 (n <= 8) keeping the short side >= min_short, and the size at it."""
     height, width = simplejpeg.decode_jpeg_header(jpeg)[:2]
-    scale = max(min_short / min(height, width), 1e-6)
-    if scale < 1.0:
-        return simplejpeg.decode_jpeg(jpeg, colorspace="RGB", fastdct=fast, fastupsample=fast,
-                                      min_height=math.ceil(height * scale), min_width=math.ceil(width * scale))
-    return simplejpeg.decode_jpeg(jpeg, colorspace="RGB", fastdct=fast, fastupsample=fast)
+    n = next((n for n in range(1, 8) if -(-min(height, width) * n // 8) >= min_short), 8)
+    return n, -(-height * n // 8), -(-width * n // 8)
+
+
+def decode(jpeg: bytes, min_short: int) -> np.ndarray:
+    """The whole image, RGB uint8, at the smallest DCT scale that keeps the short side >= min_short."""
+    _, height, width = scaled_size(jpeg, min_short)
+    return simplejpeg.decode_jpeg(jpeg, colorspace="RGB", min_height=height, min_width=width)
+
+
+def decode_box(jpeg: bytes, scaled: tuple[int, int, int], box) -> np.ndarray:
+    """Only the box (top, left, height, width) of a JPEG decoded at scaled = scaled_size(...).
+
+    With the _jpeg_region extension (built where libjpeg-turbo's headers are), only the box's
+    rows and columns are decoded, into a buffer this process reuses: the result is valid
+    until the next call. Without the extension, the whole image is decoded, then cut.
+    Decoding is libjpeg-turbo's fast mode (as simplejpeg's fastdct and fastupsample): with
+    its smooth upsampling, a cut-out decode differs from the whole one at the box's edges.
+    """
+    global _region_buffer
+    (n, height, width), (top, left, size_y, size_x) = scaled, box
+    if decode_region is None:
+        whole = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", fastdct=True, fastupsample=True,
+                                       min_height=height, min_width=width)
+        return whole[top:top + size_y, left:left + size_x]
+    if _region_buffer.size < size_y * (size_x + 32) * 3:  # libjpeg widens the box to whole MCUs
+        _region_buffer = np.empty(size_y * (size_x + 32) * 3, np.uint8)
+    x, row = decode_region(jpeg, n, top, left, size_y, size_x, True, _region_buffer)
+    return _region_buffer[:size_y * row * 3].reshape(size_y, row, 3)[:, left - x:left - x + size_x]
+
+
+_region_buffer = np.empty(0, np.uint8)
 
 
 def read_shard(tar: str, index: str, every: int = 1, offset: int = 0):
@@ -58,30 +97,75 @@ def read_shard(tar: str, index: str, every: int = 1, offset: int = 0):
             yield sample
 
 
-def resize_crop(image: np.ndarray, short: float, crop: int, pos: tuple[float, float], flip: bool,
-                exact: bool = True) -> np.ndarray:
-    """The crop x crop window at relative pos of the image resized to short side `short`, mirrored if asked.
+def crop_window(height: int, width: int, short: float, crop: int, pos: tuple[float, float]):
+    """(out_h, out_w, y0, x0): the size after resizing to short side `short`, and where the crop sits.
 
-    exact: resize the whole image, then cut, with DALI's sizes and rounding, so that both
-    loaders give the same eval crops. Otherwise (training) cut the window's footprint from
-    the source and resize only that: a fraction of a pixel off, a third less work.
+    DALI's sizes and rounding, so that both loaders cut the same eval crops.
     """
-    height, width = image.shape[:2]
     scale = short / min(height, width)
     out_h, out_w = max(crop, round(height * scale)), max(crop, round(width * scale))
-    x0, y0 = int(pos[0] * (out_w - crop) + 0.5), int(pos[1] * (out_h - crop) + 0.5)  # DALI rounds half up
-    interpolation = cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR
-    if exact:
-        if (out_h, out_w) != (height, width):
-            image = cv2.resize(image, (out_w, out_h), interpolation=interpolation)
-        window = image[y0:y0 + crop, x0:x0 + crop]
+    return out_h, out_w, int(pos[1] * (out_h - crop) + 0.5), int(pos[0] * (out_w - crop) + 0.5)  # half up
+
+
+def footprint(height: int, width: int, short: float, crop: int, pos: tuple[float, float]):
+    """(top, left, height, width): the part of the image that resizing and cropping turn into the crop.
+
+    Training decodes and resizes only that: a fraction of a pixel off the exact crop, much less work.
+    """
+    out_h, out_w, y0, x0 = crop_window(height, width, short, crop, pos)
+    size_y, size_x = min(height, round(crop * height / out_h)), min(width, round(crop * width / out_w))
+    return min(round(y0 * height / out_h), height - size_y), min(round(x0 * width / out_w), width - size_x), size_y, size_x
+
+
+def resize_crop(image: np.ndarray, short: float, crop: int, pos: tuple[float, float]) -> np.ndarray:
+    """The crop x crop window at relative pos of the image resized to short side `short` (eval: exact)."""
+    height, width = image.shape[:2]
+    out_h, out_w, y0, x0 = crop_window(height, width, short, crop, pos)
+    if (out_h, out_w) != (height, width):
+        image = cv2.resize(image, (out_w, out_h), interpolation=_interpolation(short / min(height, width)))
+    return image[y0:y0 + crop, x0:x0 + crop]
+
+
+def fit(window: np.ndarray, crop: int, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """window resized to crop x crop (if it is not) and mirrored if asked, in `out` if given (saves a copy)."""
+    if window.shape[:2] != (crop, crop):
+        out = cv2.resize(window, (crop, crop), dst=out, interpolation=_interpolation(crop / window.shape[0]))
+    elif out is None:
+        out = np.ascontiguousarray(window)
     else:
-        size_y, size_x = min(height, round(crop * height / out_h)), min(width, round(crop * width / out_w))
-        top, left = min(round(y0 * height / out_h), height - size_y), min(round(x0 * width / out_w), width - size_x)
-        window = image[top:top + size_y, left:left + size_x]
-        if window.shape[:2] != (crop, crop):
-            window = cv2.resize(window, (crop, crop), interpolation=interpolation)
-    return cv2.flip(window, 1) if flip else np.ascontiguousarray(window)
+        out[:] = window
+    return cv2.flip(out, 1, dst=out) if flip else out
+
+
+def _interpolation(scale: float) -> int:
+    return cv2.INTER_AREA if scale < 0.5 else cv2.INTER_LINEAR
+
+
+SLOTS = 4  # reused batches per worker: 2 queued (the DataLoader's prefetch), 1 with the consumer, 1 filling
+
+
+class SharedBatches:
+    """A worker's ring of shared-memory batches, and which ones the consumer still holds.
+
+    tags (shared with the main process, SLOTS per worker): 0 or a past epoch's tag means free;
+    a batch handed out in epoch e is tagged e + 1 until the consumer is done with it and sets
+    0 (CpuLoader.__iter__). A worker that finds its next batch still held waits for it.
+    """
+
+    def __init__(self, tags, worker: int, shape: tuple[int, ...]):
+        self.tags, self.first = tags, worker * SLOTS
+        self.batches = [torch.empty(shape, dtype=torch.uint8).share_memory_() for _ in range(SLOTS)]
+        self.next = 0
+
+    def take(self, epoch: int) -> tuple[torch.Tensor, int]:
+        """The next free batch and its tag's index, tagged as held in this epoch."""
+        slot = self.first + self.next
+        while self.tags[slot] > epoch:  # still held by the consumer
+            time.sleep(0.0005)
+        self.tags[slot] = epoch + 1
+        batch = self.batches[self.next]
+        self.next = (self.next + 1) % SLOTS
+        return batch, slot
 
 
 class ShardSamples(IterableDataset):
@@ -89,16 +173,19 @@ class ShardSamples(IterableDataset):
 
     Each worker writes its samples straight into a batch in shared memory (no stacking, no
     copy on the way to the main process); normalise_as: normalise there too (CPU training).
+    tags: where workers and consumer share which reused batches are held (training, uint8).
+    Yields (images, labels, keys, tag index or -1 for a batch that is not reused).
     """
 
     def __init__(self, stream: Stream, train: bool, crop: int, resize_ratio: float, scale_jitter, rank: int,
                  world_size: int, shuffle_buffer: int, seed: int, skipped, crop_pos: tuple[float, float],
-                 batch_size: int, normalise_as: tuple | None):
+                 batch_size: int, normalise_as: tuple | None, tags=None):
         self.stream, self.train, self.crop, self.resize_ratio = stream, train, crop, resize_ratio
         self.scale_jitter, self.rank, self.world_size = scale_jitter, rank, world_size
         self.shuffle_buffer, self.seed, self.skipped, self.crop_pos = shuffle_buffer, seed, skipped, crop_pos
-        self.batch_size, self.normalise_as = batch_size, normalise_as
+        self.batch_size, self.normalise_as, self.tags = batch_size, normalise_as, tags
         self.epoch = 0
+        self._reused = None  # this worker's SharedBatches, or its uint8 batch to normalise from
 
     def _handler(self, exn: Exception) -> None:
         """Count and report a bad sample or shard, then go on."""
@@ -122,17 +209,23 @@ class ShardSamples(IterableDataset):
             return shards[me::readers], 1, 0
         return shards, readers, me
 
-    def _augment(self, sample: dict, rng: random.Random):
+    def _augment(self, sample: dict, rng: random.Random, out: np.ndarray) -> int:
+        """Decode and augment one sample into out (images x crop x crop x 3); its label."""
         stream, crop = self.stream, self.crop
         short = crop * self.resize_ratio * (rng.uniform(*self.scale_jitter) if self.train and self.scale_jitter else 1.0)
         pos = (rng.random(), rng.random()) if self.train else self.crop_pos
         flip = self.train and rng.random() < 0.5
-        images = [resize_crop(decode(sample[ext], math.ceil(short), fast=self.train), short, crop, pos, flip,
-                              exact=not self.train) for ext in stream.exts]
-        image = images[0] if len(images) == 1 else cv2.merge(images)  # 7x faster than np.concatenate here
-        if flip and stream.modality == "flow":
-            image[..., 0::3] = 255 - image[..., 0::3]  # flow x is negated by a horizontal flip
-        return image, int(sample["cls"])
+        for jpeg, image in zip((sample[ext] for ext in stream.exts), out):
+            if self.train:
+                scaled = scaled_size(jpeg, math.ceil(short))
+                window = decode_box(jpeg, scaled, footprint(*scaled[1:], short, crop, pos))
+            else:
+                window = resize_crop(decode(jpeg, math.ceil(short)), short, crop, pos)
+            fit(window, crop, flip, image)
+            if flip and stream.modality == "flow":  # flow x is negated by a flip: x -> 255 - x = x ^ 255
+                flat = image.reshape(-1)
+                np.bitwise_xor(flat, _flow_x_mask(flat.size), out=flat)
+        return int(sample["cls"])
 
     def _samples(self, shards, every: int, offset: int):
         for tar, index in shards:
@@ -141,40 +234,52 @@ class ShardSamples(IterableDataset):
             except (OSError, ValueError) as e:  # unreadable or truncated: the rest of it is lost
                 self._handler(e)
 
-    def _batch(self, images: torch.Tensor, labels: list[int], keys: list[str], in_worker: bool):
+    def _new_batch(self, info, epoch: int) -> tuple[torch.Tensor, int]:
+        """Where the next batch's uint8 images go, and its tag index (-1: not a reused batch)."""
+        shape = (self.batch_size, len(self.stream.exts), self.crop, self.crop, 3)
+        if info is None:  # in the main process: nothing to share
+            return torch.empty(shape, dtype=torch.uint8), -1
+        if self.normalise_as is not None:  # the float batch goes out; the uint8 one stays here
+            if self._reused is None:
+                self._reused = torch.empty(shape, dtype=torch.uint8)
+            return self._reused, -1
+        if self.train and self.tags is not None:
+            if self._reused is None:
+                self._reused = SharedBatches(self.tags, info.id, shape)
+            return self._reused.take(epoch)
+        return torch.empty(shape, dtype=torch.uint8).share_memory_(), -1
+
+    def _batch(self, images: torch.Tensor, labels: list[int], keys: list[str], slot: int, in_worker: bool):
         if self.normalise_as is not None:
             images = normalise(images, *self.normalise_as, shared=in_worker)
-        return images, torch.tensor(labels, dtype=torch.long), keys
+        return images, torch.tensor(labels, dtype=torch.long), keys, slot
 
     def __iter__(self):
         shards, every, offset = self._parts()
         info = get_worker_info()
-        in_worker = info is not None
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{info.id if in_worker else 0}")
+        epoch = self.epoch
+        rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{info.id if info else 0}")
         self.epoch += 1
         samples = self._samples(shards, every, offset)
         if self.train and self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, rng)
-        shape = (self.batch_size, self.crop, self.crop, self.stream.channels)
-        images, labels, keys = None, [], []
+        images, slot, labels, keys = None, -1, [], []
         for sample in samples:
-            try:
-                image, label = self._augment(sample, rng)
+            if images is None:
+                images, slot = self._new_batch(info, epoch)
+                rows = images.numpy()
+            try:  # a bad sample leaves its row half-written: the next one overwrites it
+                label = self._augment(sample, rng, rows[len(labels)])
             except Exception as e:  # a corrupt JPEG, a missing component, a bad label
                 self._handler(ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {e!r}"))
                 continue
-            if images is None:
-                images = torch.empty(shape, dtype=torch.uint8)
-                if in_worker and self.normalise_as is None:
-                    images.share_memory_()
-            images.numpy()[len(labels)] = image
             labels.append(label)
             keys.append(sample["__key__"])
             if len(labels) == self.batch_size:
-                yield self._batch(images, labels, keys, in_worker)
+                yield self._batch(images, labels, keys, slot, info is not None)
                 images, labels, keys = None, [], []
         if labels and not self.train:  # training drops the last partial batch
-            yield self._batch(images[:len(labels)], labels, keys, in_worker)
+            yield self._batch(images[:len(labels)], labels, keys, slot, info is not None)
 
 
 class CpuLoader:
@@ -189,14 +294,17 @@ class CpuLoader:
         self.dtype = torch.float16 if fp16 else torch.float32
         self.channels_last = channels_last
         self._skipped = mp.get_context("fork").Value("l", 0)
+        self._tags = mp.get_context("fork").RawArray("q", max(num_workers, 1) * SLOTS)  # see SharedBatches
+        self._epoch = 0
         # On a GPU, uint8 batches cross the bus and the GPU normalises them; without one, the
         # workers normalise in parallel rather than the main process alone.
-        # raw: uint8 NHWC batches as the workers make them, with no device step at all.
+        # raw: uint8 batches as the workers make them (N x L x H x W x 3), with no device step at all.
         self.on_cpu, self.raw = self.device.type == "cpu", raw
         in_workers = self.on_cpu and not raw
         self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, rank, world_size,
                                     shuffle_buffer, seed, self._skipped, crop_pos, batch_size,
-                                    normalise_as=(stream, self.dtype, channels_last) if in_workers else None)
+                                    normalise_as=(stream, self.dtype, channels_last) if in_workers else None,
+                                    tags=self._tags)
         self.samples = stream.samples // world_size
         self.batch_size = batch_size
         self.loader = DataLoader(  # batch_size=None: the workers make the batches
@@ -214,15 +322,32 @@ class CpuLoader:
         return int(n) if self.train else math.ceil(n)
 
     def __iter__(self):
+        """Batches of this epoch. A raw training batch is valid until the next one is asked for."""
         skipped_before = self.skipped
-        for images, labels, keys in self.loader:
-            images = images.to(self.device, non_blocking=True)
-            if not (self.on_cpu or self.raw):  # uint8 crossed the bus; the device normalises
-                images = normalise(images, self.stream, self.dtype, self.channels_last)
-            yield images, labels.to(self.device, non_blocking=True), None if self.train else keys
+        self.dataset.epoch = self._epoch  # workers started now begin here; persistent ones count along
+        tag = self._epoch + 1  # what SharedBatches.take tags this epoch's batches with
+        self._epoch += 1
+        held = -1  # the reused batch the consumer has
+        try:
+            for images, labels, keys, slot in self.loader:
+                self._free(held, tag)  # the consumer asks for the next batch: it is done with the last
+                held = slot
+                if self.loader.pin_memory:  # the pin-memory thread copied it: free already
+                    self._free(held, tag)
+                images = images.to(self.device, non_blocking=True)
+                if not (self.on_cpu or self.raw):  # uint8 crossed the bus; the device normalises
+                    images = normalise(images, self.stream, self.dtype, self.channels_last)
+                yield images, labels.to(self.device, non_blocking=True), None if self.train else keys
+        finally:
+            self._free(held, tag)
         if self.skipped > skipped_before:  # the workers' own warnings went to their stderr
             warnings.warn(f"skipped bad data: {self.skipped - skipped_before} bad sample(s) or shard(s) this epoch "
                           f"({self.skipped} in all); the reasons were printed above", stacklevel=2)
+
+
+    def _free(self, slot: int, tag: int) -> None:
+        if slot >= 0 and self._tags[slot] == tag:  # not if a later epoch reuses it already
+            self._tags[slot] = 0
 
 
 def _shuffled(items, size: int, rng: random.Random):
@@ -237,6 +362,12 @@ def _shuffled(items, size: int, rng: random.Random):
         buffer[i] = item
     rng.shuffle(buffer)
     yield from buffer
+
+
+@functools.cache
+def _flow_x_mask(size: int) -> np.ndarray:
+    """255 on every x value of an H x W x 3 flow image (flattened), 0 elsewhere."""
+    return np.tile(np.array([255, 0, 0], np.uint8), size // 3)
 
 
 def _init_worker(_: int) -> None:

@@ -1,0 +1,119 @@
+"""The CPU loader's fast paths: cut-out JPEG decoding (the _jpeg_region extension), reused batches, normalisation."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+
+import loaders
+from loaders import cpu
+from loaders.common import Stream, normalise_numpy, normalise_torch
+from loaders.cpu import SLOTS, SharedBatches, decode_box, scaled_size
+from tests.test_loaders import asymmetric, make_split
+
+
+def textured_jpeg(subsampling: str, height: int = 150, width: int = 230) -> bytes:
+    """Gradients plus noise: every MCU differs, so a misplaced box cannot pass."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:height, :width]
+    image = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], -1) + rng.integers(0, 40, (height, width, 3))
+    return simplejpeg.encode_jpeg(np.clip(image, 0, 255).astype(np.uint8), 90, colorspace="RGB",
+                                  colorsubsampling=subsampling)
+
+
+def test_the_extension_is_built():
+    assert cpu.decode_region is not None, (
+        "loaders._jpeg_region was not built: install libjpeg-turbo's headers (Debian/Ubuntu: "
+        "apt install libjpeg-turbo8-dev or libjpeg62-turbo-dev), then pip install -e . again")
+
+
+@pytest.mark.parametrize("subsampling", ["420", "444"])  # rgb frames, flow images
+@pytest.mark.parametrize("with_extension", [True, False])
+def test_decode_box_is_the_whole_decode_cut(subsampling, with_extension, monkeypatch):
+    if not with_extension:
+        monkeypatch.setattr(cpu, "decode_region", None)
+    jpeg = textured_jpeg(subsampling)
+    rng = random.Random(0)
+    for min_short in (40, 75, 150):  # DCT scales 3/8, 4/8 and 8/8
+        scaled = scaled_size(jpeg, min_short)
+        n, height, width = scaled
+        assert min(height, width) >= min_short and (n == 1 or min(height, width) * (n - 1) / n < min_short)
+        whole = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", fastdct=True, fastupsample=True,
+                                       min_height=height, min_width=width)
+        assert whole.shape == (height, width, 3)
+        boxes = [(0, 0, height, width), (height - 1, width - 1, 1, 1), (0, width - 17, height, 17), (5, 3, 1, width - 3)]
+        for _ in range(20):
+            h, w = rng.randint(1, height), rng.randint(1, width)
+            boxes.append((rng.randint(0, height - h), rng.randint(0, width - w), h, w))
+        for top, left, h, w in boxes:
+            assert np.array_equal(decode_box(jpeg, scaled, (top, left, h, w)), whole[top:top + h, left:left + w])
+
+
+def test_bad_jpegs_and_boxes_raise():
+    jpeg = textured_jpeg("420")
+    out = np.empty(1 << 20, np.uint8)
+    for bad in (jpeg[: len(jpeg) // 2], b"\xff\xd8\xff\xe0 not a JPEG", b""):
+        with pytest.raises(ValueError, match="corrupt JPEG"):
+            cpu.decode_region(bad, 8, 0, 0, 150, 230, True, out)
+    with pytest.raises(ValueError, match="outside"):
+        cpu.decode_region(jpeg, 8, 10, 0, 150, 230, True, out)
+    with pytest.raises(ValueError, match="out holds"):
+        cpu.decode_region(jpeg, 8, 0, 0, 150, 230, True, np.empty(100, np.uint8))
+
+
+def test_shared_batches_wait_for_the_consumer():
+    tags = torch.multiprocessing.get_context("fork").RawArray("q", SLOTS)
+    ring = SharedBatches(tags, 0, (2, 1, 4, 4, 3))
+    held = [ring.take(epoch=0) for _ in range(SLOTS)]
+    assert len({b.data_ptr() for b, _ in held}) == SLOTS and all(tags[slot] == 1 for _, slot in held)
+    taken = []
+    thread = threading.Thread(target=lambda: taken.append(ring.take(epoch=0)))
+    thread.start()
+    time.sleep(0.2)
+    assert not taken, "a batch the consumer holds must not be handed out again"
+    tags[held[0][1]] = 0  # the consumer is done with the first
+    thread.join(5)
+    assert taken and taken[0][0].data_ptr() == held[0][0].data_ptr()
+    assert ring.take(epoch=1)[0].data_ptr() == held[1][0].data_ptr()  # a past epoch's batches are free
+
+
+def test_raw_training_batches_stay_intact_while_held_and_epochs_restart(tmp_path):
+    samples = [(f"v{i:03d}/000000", {"rgb.jpg": asymmetric(i), "flow0.jpg": asymmetric(200), "flow1.jpg": asymmetric(60),
+                                     "cls": str(i % 2).encode()}) for i in range(64)]
+    make_split(tmp_path, "train", samples, flow_len=2)
+    loader = loaders.build(tmp_path, "train", "flow", True, 8, crop=40, backend="cpu", device="cpu", workers=2,
+                           raw=True, shuffle_buffer=1)
+    for i, (images, labels, _) in enumerate(loader):  # an epoch left early: its held batches must not block the next
+        if i == 1:
+            break
+    for epoch in range(2):
+        batches = 0
+        for images, labels, _ in loader:
+            assert images.shape == (8, 2, 40, 40, 3) and images.dtype == torch.uint8
+            before = images.clone()
+            time.sleep(0.05)  # the workers run ahead meanwhile
+            assert torch.equal(images, before), "a batch must not change until the next one is asked for"
+            batches += 1
+        assert batches == len(loader) == 8
+
+
+@pytest.mark.parametrize("modality", ["rgb", "flow"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_gpus_normalisation_equals_the_cpus(modality, channels_last, dtype):
+    """normalise_torch runs on the GPU in training; here it must agree with the CPU workers' numpy path."""
+    stream = Stream(tars=[], indexes=[], modality=modality, flow_len=3, samples=0, classes=[])
+    images = torch.randint(0, 256, (4, len(stream.exts), 6, 5, 3), dtype=torch.uint8)
+    a = normalise_torch(images, stream, dtype, channels_last)
+    b = normalise_numpy(images, stream, dtype, channels_last)
+    assert a.shape == b.shape == (4, stream.channels, 6, 5) and a.dtype == b.dtype == dtype
+    assert a.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.allclose(a.float(), b.float(), atol=1e-2)
+    k, c = 1 if modality == "flow" else 0, 2  # channel 3k + c is channel c of image k
+    expected = (images[:, k, :, :, c].float() - stream.mean[3 * k + c]) / stream.std[3 * k + c]
+    assert torch.allclose(b[:, 3 * k + c].float(), expected, atol=1e-2)
