@@ -48,6 +48,11 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     int scale_num, top, left, height, width, fast;
     if (!PyArg_ParseTuple(args, "y*iiiiipw*", &jpeg, &scale_num, &top, &left, &height, &width, &fast, &out))
         return NULL;
+    if (scale_num < 1 || scale_num > 16) {
+        PyBuffer_Release(&jpeg);
+        PyBuffer_Release(&out);
+        return PyErr_Format(PyExc_ValueError, "scale_num must be 1..16 (a scale of n/8), not %d", scale_num);
+    }
 
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
@@ -75,7 +80,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         cinfo.do_fancy_upsampling = FALSE;
     }
     jpeg_start_decompress(&cinfo);
-    if (scale_num < 1 || scale_num > 16 || top < 0 || left < 0 || height < 1 || width < 1 ||
+    if (top < 0 || left < 0 || height < 1 || width < 1 ||
         (JDIMENSION)(top + height) > cinfo.output_height || (JDIMENSION)(left + width) > cinfo.output_width) {
         PyErr_Format(PyExc_ValueError, "region %dx%d at (%d, %d) outside the %ux%u image (scale %d/8)",
                      width, height, left, top, cinfo.output_width, cinfo.output_height, scale_num);

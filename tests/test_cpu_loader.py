@@ -60,6 +60,8 @@ def test_bad_jpegs_and_boxes_raise():
     for bad in (jpeg[: len(jpeg) // 2], b"\xff\xd8\xff\xe0 not a JPEG", b""):
         with pytest.raises(ValueError, match="corrupt JPEG"):
             cpu.decode_region(bad, 8, 0, 0, 150, 230, True, out)
+    with pytest.raises(ValueError, match="scale_num"):
+        cpu.decode_region(jpeg, 0, 0, 0, 150, 230, True, out)
     with pytest.raises(ValueError, match="outside"):
         cpu.decode_region(jpeg, 8, 10, 0, 150, 230, True, out)
     with pytest.raises(ValueError, match="out holds"):
