@@ -21,6 +21,7 @@ import functools
 import math
 import mmap
 import multiprocessing as mp
+import os
 import random
 import time
 import warnings
@@ -156,11 +157,14 @@ class SharedBatches:
         self.tags, self.first = tags, worker * SLOTS
         self.batches = [torch.empty(shape, dtype=torch.uint8).share_memory_() for _ in range(SLOTS)]
         self.next = 0
+        self.parent = os.getppid()
 
     def take(self, epoch: int) -> tuple[torch.Tensor, int]:
         """The next free batch and its tag's index, tagged as held in this epoch."""
         slot = self.first + self.next
         while self.tags[slot] > epoch:  # still held by the consumer
+            if os.getppid() != self.parent:  # the consumer is gone: do not wait for ever
+                raise RuntimeError("the loader's main process exited")
             time.sleep(0.0005)
         self.tags[slot] = epoch + 1
         batch = self.batches[self.next]
@@ -179,13 +183,14 @@ class ShardSamples(IterableDataset):
 
     def __init__(self, stream: Stream, train: bool, crop: int, resize_ratio: float, scale_jitter, rank: int,
                  world_size: int, shuffle_buffer: int, seed: int, skipped, crop_pos: tuple[float, float],
-                 batch_size: int, normalise_as: tuple | None, tags=None):
+                 batch_size: int, normalise_as: tuple | None, tags):
         self.stream, self.train, self.crop, self.resize_ratio = stream, train, crop, resize_ratio
         self.scale_jitter, self.rank, self.world_size = scale_jitter, rank, world_size
         self.shuffle_buffer, self.seed, self.skipped, self.crop_pos = shuffle_buffer, seed, skipped, crop_pos
         self.batch_size, self.normalise_as, self.tags = batch_size, normalise_as, tags
         self.epoch = 0
-        self._reused = None  # this worker's SharedBatches, or its uint8 batch to normalise from
+        self._ring = None  # this worker's SharedBatches (uint8 batches that leave the worker)
+        self._staging = None  # this worker's uint8 batch to normalise from (float batches leave)
 
     def _handler(self, exn: Exception) -> None:
         """Count and report a bad sample or shard, then go on."""
@@ -240,13 +245,13 @@ class ShardSamples(IterableDataset):
         if info is None:  # in the main process: nothing to share
             return torch.empty(shape, dtype=torch.uint8), -1
         if self.normalise_as is not None:  # the float batch goes out; the uint8 one stays here
-            if self._reused is None:
-                self._reused = torch.empty(shape, dtype=torch.uint8)
-            return self._reused, -1
-        if self.train and self.tags is not None:
-            if self._reused is None:
-                self._reused = SharedBatches(self.tags, info.id, shape)
-            return self._reused.take(epoch)
+            if self._staging is None:
+                self._staging = torch.empty(shape, dtype=torch.uint8)
+            return self._staging, -1
+        if self.train:
+            if self._ring is None:
+                self._ring = SharedBatches(self.tags, info.id, shape)
+            return self._ring.take(epoch)
         return torch.empty(shape, dtype=torch.uint8).share_memory_(), -1
 
     def _batch(self, images: torch.Tensor, labels: list[int], keys: list[str], slot: int, in_worker: bool):
