@@ -6,7 +6,7 @@ set -u
 SMALL=$1
 WORK=${2:-/tmp/gpu_check}
 ARCH=${ARCH:-inception_v3} SIZE=${SIZE:-299} ITERS=${ITERS:-300} SECONDS_PER=${SECONDS_PER:-6}
-WORKERS=${WORKERS:-$(nproc)} BIG_BATCH=${BIG_BATCH:-256} TIMES=${TIMES:-40}
+WORKERS=${WORKERS:-$(nproc)} BIG_BATCH=${BIG_BATCH:-256} TIMES=${TIMES:-400}
 mkdir -p "$WORK"
 python3 -c "import torch, nvidia.dali; print('torch', torch.__version__, 'dali', nvidia.dali.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null

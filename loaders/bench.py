@@ -93,11 +93,14 @@ def in_turns(contenders: dict, rounds: int, seconds: float) -> dict[str, float]:
     into the next one's turn (the files baseline's 2 batches a worker take seconds).
     """
     totals = {name: [0, 0.0] for name in contenders}
-    for _ in range(rounds):
+    for round_ in range(rounds):
+        line = []
         for name, measure in contenders.items():
             count, elapsed = measure(seconds / rounds)
             totals[name][0] += count
             totals[name][1] += elapsed
+            line.append(f"{name} {count / elapsed:.0f}")
+        print(f"  round {round_ + 1}/{rounds}, images/s: {', '.join(line)}", flush=True)
     return {name: count / elapsed for name, (count, elapsed) in totals.items()}
 
 

@@ -1,6 +1,7 @@
 """Both loaders over real shards: same eval output, train augmentation, DDP split, bad input."""
 from __future__ import annotations
 
+import re
 import shutil
 import tarfile
 import warnings
@@ -213,3 +214,16 @@ def test_clear_errors_before_any_work(data, tmp_path):
     run_pack("--csv", csv, "--videos", tmp_path / "videos", "--out", tmp_path / "empty", "--workers", "1")
     with pytest.raises(ValueError, match="no rgb shards"):
         loaders.build(tmp_path / "empty", "train", "rgb", True, 8)
+
+
+def test_bench_prints_rates_and_ratios(data, tmp_path, capsys):
+    from loaders import bench
+
+    args = bench.get_args_parser().parse_args(
+        ["--data", str(data), "--split", "train", "--modality", "flow", "--backend", "cpu", "--raw", "--batch-size", "4",
+         "--crop", "48", "--workers", "1", "--seconds", "1", "--rounds", "2", "--files-dir", str(tmp_path / "files")])
+    bench.main(args)
+    out = capsys.readouterr().out
+    assert "round 2/2" in out and "decode ceiling:" in out and "files:" in out
+    assert re.search(r"cpu \(uint8\): +\d+ images/s = [\d.]+x files, \d+% of the decode ceiling", out)
+    assert len(list((tmp_path / "files").rglob("*.jpg"))) == 2 * load_manifest(data)["splits"]["train"]["samples"]
