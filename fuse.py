@@ -63,10 +63,14 @@ def figures(frames: dict, frame_labels: dict, videos: dict, video_labels: dict) 
     return result
 
 
+def labels_of(streams: list[dict], kind: str) -> dict:
+    """All streams' labels of one kind ("frame_labels" or "video_labels") in one mapping."""
+    return {k: v for s in streams for k, v in s[kind].items()}
+
+
 def evaluate(streams: list[dict], weights: list[float]) -> dict:
     """Figures per stream and fused, keyed by row name."""
-    frame_labels = {k: v for s in streams for k, v in s["frame_labels"].items()}
-    video_labels = {k: v for s in streams for k, v in s["video_labels"].items()}
+    frame_labels, video_labels = labels_of(streams, "frame_labels"), labels_of(streams, "video_labels")
     rows = {stream_name(s): figures(s["frames"], s["frame_labels"], s["videos"], s["video_labels"]) for s in streams}
     fused_name = "+".join(stream_name(s).upper() for s in streams)
     rows[fused_name] = figures(fuse([s["frames"] for s in streams], weights), frame_labels,
@@ -77,10 +81,10 @@ def evaluate(streams: list[dict], weights: list[float]) -> dict:
 def search_weights(streams: list[dict], grid: list[float]) -> list[float]:
     """The weights (first stream fixed at 1) with the best fused video top-1, then mAP."""
     best, best_key = None, None
+    labels = labels_of(streams, "video_labels")
     for rest in itertools.product(grid, repeat=len(streams) - 1):
         weights = [1.0, *rest]
         videos = fuse([s["videos"] for s in streams], weights)
-        labels = {k: v for s in streams for k, v in s["video_labels"].items()}
         ids = [k for k in sorted(videos) if labels[k] >= 0]
         scores, y = np.stack([videos[k] for k in ids]), np.array([labels[k] for k in ids])
         key = (metrics.topk_accuracy(scores, y, 1), metrics.mean_average_precision(scores, y)[0])

@@ -63,21 +63,25 @@ def frame_scores(model, ckpt: dict, args, device: torch.device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     sums: dict[str, list] = {}
     views = TTA[args.tta]
+    mirrors: dict[tuple, list[bool]] = {}  # each crop position is decoded once; its mirror is flipped on the device
     for pos, mirrored in views:
+        mirrors.setdefault(pos, []).append(mirrored)
+    for pos, flips in mirrors.items():
         loader = loaders.build(args.data, args.split, a["modality"], False, args.batch_size, crop=a["input_size"],
                                backend=args.backend, device=device, flow_len=a["flow_len"], workers=args.workers,
                                crop_pos=pos)
-        for images, labels, keys in tqdm(loader, desc=f"view {pos}{' flipped' if mirrored else ''}", unit="batch"):
-            if mirrored:
-                images = flip_batch(images, stream)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = model(images).float()
-            probs = logits.softmax(1)
-            for key, label, lg, pr in zip(keys, labels.tolist(), logits.cpu().numpy(), probs.cpu().numpy()):
-                entry = sums.setdefault(key, [label, 0, 0.0, 0.0])
-                entry[1] += 1
-                entry[2] = entry[2] + lg
-                entry[3] = entry[3] + pr
+        for images, labels, keys in tqdm(loader, desc=f"view {pos}{' and mirrored' if True in flips else ''}",
+                                         unit="batch"):
+            for mirrored in flips:
+                view = flip_batch(images, stream) if mirrored else images
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    logits = model(view).float()
+                probs = logits.softmax(1)
+                for key, label, lg, pr in zip(keys, labels.tolist(), logits.cpu().numpy(), probs.cpu().numpy()):
+                    entry = sums.setdefault(key, [label, 0, 0.0, 0.0])
+                    entry[1] += 1
+                    entry[2] = entry[2] + lg
+                    entry[3] = entry[3] + pr
         if getattr(loader, "skipped", 0):
             print(f"warning: {loader.skipped} bad samples were skipped")
     uneven = [k for k, e in sums.items() if e[1] != len(views)]

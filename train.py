@@ -113,6 +113,11 @@ def param_groups(model: nn.Module, args) -> list[dict]:
             {"params": norms, "lr": args.lr, "weight_decay": 0.0}]
 
 
+def plain_args(args) -> dict:
+    """The arguments as JSON and weights_only checkpoints can hold them (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
 def check_before_work(args) -> list[str]:
     """Fail fast, before any model or loader is built, on what the user must fix."""
     try:
@@ -212,9 +217,9 @@ def evaluate(model: nn.Module, loader, batches: int, dtype, device: torch.device
             logits = model(images)
         logits = logits.float()
         top = logits.topk(min(3, logits.shape[1]), dim=1).indices
-        totals += torch.tensor([nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
-                                (top[:, 0] == labels).sum().item(), (top == labels[:, None]).any(1).sum().item(),
-                                labels.numel()], device=device, dtype=torch.float64)
+        totals += torch.stack([nn.functional.cross_entropy(logits, labels, reduction="sum"),  # no host sync
+                               (top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(),
+                               torch.tensor(labels.numel(), device=labels.device)]).to(totals)
     if world > 1:
         dist.all_reduce(totals)
     loss, top1, top3, n = totals.tolist()
@@ -326,12 +331,12 @@ def main(args: argparse.Namespace) -> dict:
             visdom = visdom_module.Visdom(env=f"train-{args.modality}")
         log(f"training {args.arch} on {args.modality} ({stream.channels} channels, {len(classes)} classes), "
             f"{world} process(es) on {device}, amp {dtype}, batch {args.batch_size}, iterations {start}..{args.max_iterations}")
-        log(f"arguments: {json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})}")
+        log(f"arguments: {json.dumps(plain_args(args))}")
 
     def state(iteration: int) -> dict:
         return {"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "classes": classes,
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "args": plain_args(args),
                 "history": history, "best": best,
                 "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}}
 

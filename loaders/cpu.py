@@ -338,7 +338,8 @@ class CpuLoader:
                 self._free(held, tag)  # the consumer asks for the next batch: it is done with the last
                 held = slot
                 if self.loader.pin_memory:  # the pin-memory thread copied it: free already
-                    self._free(held, tag)
+                    self._free(slot, tag)
+                    held = -1
                 images = images.to(self.device, non_blocking=True)
                 if not (self.on_cpu or self.raw):  # uint8 crossed the bus; the device normalises
                     images = normalise(images, self.stream, self.dtype, self.channels_last)
@@ -348,7 +349,6 @@ class CpuLoader:
         if self.skipped > skipped_before:  # the workers' own warnings went to their stderr
             warnings.warn(f"skipped bad data: {self.skipped - skipped_before} bad sample(s) or shard(s) this epoch "
                           f"({self.skipped} in all); the reasons were printed above", stacklevel=2)
-
 
     def _free(self, slot: int, tag: int) -> None:
         if slot >= 0 and self._tags[slot] == tag:  # not if a later epoch reuses it already
