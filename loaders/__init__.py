@@ -18,8 +18,12 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
     backend: "dali" (nvJPEG on the GPU, or DALI's CPU mode when device is the CPU), "cpu"
     (DataLoader workers), or "auto" (DALI on a GPU, the CPU loader otherwise).
     crop_pos: where eval crops sit, relative (0..1, 0..1); (0.5, 0.5) is the centre crop.
-    raw: (cpu backend) uint8 batches (N x images per sample x H x W x 3), not normalised, for
-    benchmarks and custom pipelines; in training a batch is valid until the next is asked for.
+    raw: (cpu backend) uint8 batches (N x images per sample x S x S x 3) as they leave the
+    workers, for benchmarks and custom pipelines: not normalised, and in training (without
+    scale jitter) not resized, S is then the crop's window side (loaders.cpu.ShardSamples);
+    loaders.common.normalise(..., size=crop) finishes them.
+    In training, a batch on the CPU (cpu backend) is valid until the next is asked for (its
+    memory is reused, as DALI's PyTorch iterator reuses its own): use it in the loop, clone it to keep it.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stream = open_stream(data, split, modality, flow_len)

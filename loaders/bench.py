@@ -148,7 +148,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4, help="turns each loader takes (the --seconds split among them)")
     p.add_argument("--device", default=None, help="where batches go (default: cuda if present, else cpu)")
     p.add_argument("--raw", action="store_true",
-                   help="cpu backend: measure its uint8 batches before the device step (normalising on a GPU is ~free)")
+                   help="cpu backend: measure its uint8 batches as a GPU receives them (the crops' windows, "
+                        "which the GPU resizes and normalises)")
     p.add_argument("--files-dir", type=Path, help="where the baseline's JPEG folders go (default: DATA/files-{split}-{modality})")
     return p
 

@@ -2,16 +2,20 @@
 
 DataLoader workers read their share of the shards through the shards' DALI index files
 (one mapped file per shard, no tar parsing: it measured faster than webdataset's tar
-iterator), decode with libjpeg-turbo, resize, crop and flip with OpenCV, and write uint8
-batches straight into shared memory. Conversion to float, normalisation and channels-last
-happen on the device (loaders.common.normalise); on a CPU-only machine, in the workers.
+iterator), decode with libjpeg-turbo, cut and flip, and write uint8 batches straight into
+shared memory. Training batches bound for a GPU carry each crop's window at the JPEG's own
+resolution: the GPU resizes it to the crop (as DALI's pipelines resize on the GPU), then
+converts, normalises and goes channels-last (loaders.common.normalise). On a CPU-only
+machine, and in eval, the workers do all of it (resizing with OpenCV).
 
 Where the time goes, per training image, and what keeps it down:
 - decoding: only the part of the JPEG under the crop (the _jpeg_region C extension, as
   DALI's random-crop decoder does); eval decodes whole images (simplejpeg);
-- resizing: only that part, straight into the batch (no copies);
-- batches: each worker reuses a few shared-memory batches (SharedBatches): fresh shared
-  memory costs a page fault per 4 KiB on first write, about a tenth of a decode an image;
+- resizing: on the GPU (on the CPU it cost half a decode at crop 299); on a CPU-only
+  machine, only the window, straight into the batch (no copies);
+- batches: in training, each worker reuses a few shared-memory batches (SharedBatches), as
+  DALI's PyTorch iterator reuses its output tensors: fresh shared memory costs a page fault
+  per 4 KiB on first write, a tenth of a decode per uint8 image, 4 times that per float one;
 - flow: each image is written whole (N x L x H x W x 3; the device interleaves), a flip's
   x negation is one XOR.
 """
@@ -32,7 +36,7 @@ import simplejpeg
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .common import Stream, key_of, normalise
+from .common import Stream, key_of, normalise, normalised_shape
 
 try:
     from ._jpeg_region import decode_region
@@ -112,9 +116,12 @@ def footprint(height: int, width: int, short: float, crop: int, pos: tuple[float
     """(top, left, height, width): the part of the image that resizing and cropping turn into the crop.
 
     Training decodes and resizes only that: a fraction of a pixel off the exact crop, much less work.
+    Square (unless the image is narrower), the same for all images of one size: the device
+    can resize a batch of them at once.
     """
     out_h, out_w, y0, x0 = crop_window(height, width, short, crop, pos)
-    size_y, size_x = min(height, round(crop * height / out_h)), min(width, round(crop * width / out_w))
+    side = round(crop * min(height, width) / short)
+    size_y, size_x = min(height, side), min(width, side)
     return min(round(y0 * height / out_h), height - size_y), min(round(x0 * width / out_w), width - size_x), size_y, size_x
 
 
@@ -127,10 +134,10 @@ def resize_crop(image: np.ndarray, short: float, crop: int, pos: tuple[float, fl
     return image[y0:y0 + crop, x0:x0 + crop]
 
 
-def fit(window: np.ndarray, crop: int, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
-    """window resized to crop x crop (if it is not) and mirrored if asked, in `out` if given (saves a copy)."""
-    if window.shape[:2] != (crop, crop):
-        out = cv2.resize(window, (crop, crop), dst=out, interpolation=_interpolation(crop / window.shape[0]))
+def fit(window: np.ndarray, side: int, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """window resized to side x side (if it is not) and mirrored if asked, in `out` if given (saves a copy)."""
+    if window.shape[:2] != (side, side):
+        out = cv2.resize(window, (side, side), dst=out, interpolation=_interpolation(side / window.shape[0]))
     elif out is None:
         out = np.ascontiguousarray(window)
     else:
@@ -153,9 +160,9 @@ class SharedBatches:
     0 (CpuLoader.__iter__). A worker that finds its next batch still held waits for it.
     """
 
-    def __init__(self, tags, worker: int, shape: tuple[int, ...]):
+    def __init__(self, tags, worker: int, shape: tuple[int, ...], dtype: torch.dtype = torch.uint8):
         self.tags, self.first = tags, worker * SLOTS
-        self.batches = [torch.empty(shape, dtype=torch.uint8).share_memory_() for _ in range(SLOTS)]
+        self.batches = [torch.empty(shape, dtype=dtype).share_memory_() for _ in range(SLOTS)]
         self.next = 0
         self.parent = os.getppid()
 
@@ -177,8 +184,14 @@ class ShardSamples(IterableDataset):
 
     Each worker writes its samples straight into a batch in shared memory (no stacking, no
     copy on the way to the main process); normalise_as: normalise there too (CPU training).
-    tags: where workers and consumer share which reused batches are held (training, uint8).
+    tags: where workers and consumer share which reused batches are held (training: the
+    batches that leave a worker, uint8 or normalised, are reused).
     Yields (images, labels, keys, tag index or -1 for a batch that is not reused).
+
+    The images are crop x crop, except in training batches for the device (uint8, no scale
+    jitter): there they are the crops' windows, S x S source pixels, the device resizes. S
+    is a worker's first window side; windows of another size (frames of another size)
+    are resized to S here. With scale jitter every window differs: resized here to the crop.
     """
 
     def __init__(self, stream: Stream, train: bool, crop: int, resize_ratio: float, scale_jitter, rank: int,
@@ -189,8 +202,9 @@ class ShardSamples(IterableDataset):
         self.shuffle_buffer, self.seed, self.skipped, self.crop_pos = shuffle_buffer, seed, skipped, crop_pos
         self.batch_size, self.normalise_as, self.tags = batch_size, normalise_as, tags
         self.epoch = 0
-        self._ring = None  # this worker's SharedBatches (uint8 batches that leave the worker)
-        self._staging = None  # this worker's uint8 batch to normalise from (float batches leave)
+        self.side = None  # the side of the images this worker writes (see above)
+        self._ring = None  # this worker's SharedBatches (training: the batches that leave the worker)
+        self._staging = None  # this worker's uint8 batch to normalise from (normalised batches leave)
 
     def _handler(self, exn: Exception) -> None:
         """Count and report a bad sample or shard, then go on."""
@@ -214,8 +228,19 @@ class ShardSamples(IterableDataset):
             return shards[me::readers], 1, 0
         return shards, readers, me
 
+    def _side(self, sample: dict) -> int:
+        """The side of the images this worker writes: the crop, or the sample's window (see above)."""
+        if not self.train or self.scale_jitter or self.normalise_as is not None:
+            return self.crop
+        short = self.crop * self.resize_ratio
+        try:
+            scaled = scaled_size(sample[self.stream.exts[0]], math.ceil(short))
+        except (KeyError, ValueError):  # a bad sample (_augment reports it): no window to go by
+            return self.crop
+        return footprint(*scaled[1:], short, self.crop, (0.0, 0.0))[2]
+
     def _augment(self, sample: dict, rng: random.Random, out: np.ndarray) -> int:
-        """Decode and augment one sample into out (images x crop x crop x 3); its label."""
+        """Decode and augment one sample into out (images x side x side x 3); its label."""
         stream, crop = self.stream, self.crop
         short = crop * self.resize_ratio * (rng.uniform(*self.scale_jitter) if self.train and self.scale_jitter else 1.0)
         pos = (rng.random(), rng.random()) if self.train else self.crop_pos
@@ -226,7 +251,7 @@ class ShardSamples(IterableDataset):
                 window = decode_box(jpeg, scaled, footprint(*scaled[1:], short, crop, pos))
             else:
                 window = resize_crop(decode(jpeg, math.ceil(short)), short, crop, pos)
-            fit(window, crop, flip, image)
+            fit(window, self.side, flip, image)
             if flip and stream.modality == "flow":  # flow x is negated by a flip: x -> 255 - x = x ^ 255
                 flat = image.reshape(-1)
                 np.bitwise_xor(flat, _flow_x_mask(flat.size), out=flat)
@@ -241,22 +266,30 @@ class ShardSamples(IterableDataset):
 
     def _new_batch(self, info, epoch: int) -> tuple[torch.Tensor, int]:
         """Where the next batch's uint8 images go, and its tag index (-1: not a reused batch)."""
-        shape = (self.batch_size, len(self.stream.exts), self.crop, self.crop, 3)
+        shape = (self.batch_size, len(self.stream.exts), self.side, self.side, 3)
         if info is None:  # in the main process: nothing to share
             return torch.empty(shape, dtype=torch.uint8), -1
-        if self.normalise_as is not None:  # the float batch goes out; the uint8 one stays here
+        if self.normalise_as is not None:  # the normalised batch goes out; the uint8 one stays here
             if self._staging is None:
                 self._staging = torch.empty(shape, dtype=torch.uint8)
             return self._staging, -1
-        if self.train:
-            if self._ring is None:
-                self._ring = SharedBatches(self.tags, info.id, shape)
-            return self._ring.take(epoch)
-        return torch.empty(shape, dtype=torch.uint8).share_memory_(), -1
+        return self._shared(shape, torch.uint8, info, epoch)
 
-    def _batch(self, images: torch.Tensor, labels: list[int], keys: list[str], slot: int, in_worker: bool):
+    def _shared(self, shape: tuple[int, ...], dtype: torch.dtype, info, epoch: int) -> tuple[torch.Tensor, int]:
+        """A batch in shared memory, and its tag index: a reused one in training, a fresh one (-1) in eval."""
+        if not self.train:
+            return torch.empty(shape, dtype=dtype).share_memory_(), -1
+        if self._ring is None:
+            self._ring = SharedBatches(self.tags, info.id, shape, dtype)
+        return self._ring.take(epoch)
+
+    def _batch(self, images: torch.Tensor, labels: list[int], keys: list[str], slot: int, info, epoch: int):
         if self.normalise_as is not None:
-            images = normalise(images, *self.normalise_as, shared=in_worker)
+            stream, dtype, channels_last = self.normalise_as
+            out = None
+            if info is not None:  # in a worker: into shared memory (saves a copy on send)
+                out, slot = self._shared(normalised_shape(images.shape, channels_last), dtype, info, epoch)
+            images = normalise(images, stream, dtype, channels_last, out=out)
         return images, torch.tensor(labels, dtype=torch.long), keys, slot
 
     def __iter__(self):
@@ -271,6 +304,7 @@ class ShardSamples(IterableDataset):
         images, slot, labels, keys = None, -1, [], []
         for sample in samples:
             if images is None:
+                self.side = self.side or self._side(sample)
                 images, slot = self._new_batch(info, epoch)
                 rows = images.numpy()
             try:  # a bad sample leaves its row half-written: the next one overwrites it
@@ -281,10 +315,10 @@ class ShardSamples(IterableDataset):
             labels.append(label)
             keys.append(sample["__key__"])
             if len(labels) == self.batch_size:
-                yield self._batch(images, labels, keys, slot, info is not None)
+                yield self._batch(images, labels, keys, slot, info, epoch)
                 images, labels, keys = None, [], []
         if labels and not self.train:  # training drops the last partial batch
-            yield self._batch(images[:len(labels)], labels, keys, slot, info is not None)
+            yield self._batch(images[:len(labels)], labels, keys, slot, info, epoch)
 
 
 class CpuLoader:
@@ -295,15 +329,15 @@ class CpuLoader:
                  world_size: int = 1, num_workers: int = 2, shuffle_buffer: int = 4096, seed: int = 0,
                  fp16: bool = False, channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5),
                  raw: bool = False):
-        self.stream, self.train, self.device = stream, train, torch.device(device)
+        self.stream, self.train, self.device, self.crop = stream, train, torch.device(device), crop
         self.dtype = torch.float16 if fp16 else torch.float32
         self.channels_last = channels_last
         self._skipped = mp.get_context("fork").Value("l", 0)
         self._tags = mp.get_context("fork").RawArray("q", max(num_workers, 1) * SLOTS)  # see SharedBatches
         self._epoch = 0
-        # On a GPU, uint8 batches cross the bus and the GPU normalises them; without one, the
-        # workers normalise in parallel rather than the main process alone.
-        # raw: uint8 batches as the workers make them (N x L x H x W x 3), with no device step at all.
+        # On a GPU, uint8 batches cross the bus and the GPU resizes and normalises them; without
+        # one, the workers do it in parallel rather than the main process alone.
+        # raw: uint8 batches as the workers make them (N x L x S x S x 3), with no device step at all.
         self.on_cpu, self.raw = self.device.type == "cpu", raw
         in_workers = self.on_cpu and not raw
         self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, rank, world_size,
@@ -327,7 +361,7 @@ class CpuLoader:
         return int(n) if self.train else math.ceil(n)
 
     def __iter__(self):
-        """Batches of this epoch. A raw training batch is valid until the next one is asked for."""
+        """Batches of this epoch. A training batch on the CPU (and a raw one) is valid until the next is asked for."""
         skipped_before = self.skipped
         self.dataset.epoch = self._epoch  # workers started now begin here; persistent ones count along
         tag = self._epoch + 1  # what SharedBatches.take tags this epoch's batches with
@@ -342,7 +376,7 @@ class CpuLoader:
                     held = -1
                 images = images.to(self.device, non_blocking=True)
                 if not (self.on_cpu or self.raw):  # uint8 crossed the bus; the device normalises
-                    images = normalise(images, self.stream, self.dtype, self.channels_last)
+                    images = normalise(images, self.stream, self.dtype, self.channels_last, size=self.crop)
                 yield images, labels.to(self.device, non_blocking=True), None if self.train else keys
         finally:
             self._free(held, tag)

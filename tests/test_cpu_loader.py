@@ -1,6 +1,7 @@
 """The CPU loader's fast paths: cut-out JPEG decoding (the _jpeg_region extension), reused batches, normalisation."""
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -84,19 +85,22 @@ def test_shared_batches_wait_for_the_consumer():
     assert ring.take(epoch=1)[0].data_ptr() == held[1][0].data_ptr()  # a past epoch's batches are free
 
 
-def test_raw_training_batches_stay_intact_while_held_and_epochs_restart(tmp_path):
-    samples = [(f"v{i:03d}/000000", {"rgb.jpg": asymmetric(i), "flow0.jpg": asymmetric(200), "flow1.jpg": asymmetric(60),
+@pytest.mark.parametrize("raw, shape, dtype", [(True, (8, 2, 44, 44, 3), torch.uint8),  # for a GPU: the crops' windows
+                                               (False, (8, 6, 40, 40), torch.float32)])  # for CPU training
+def test_training_batches_stay_intact_while_held_and_epochs_restart(tmp_path, raw, shape, dtype):
+    """Training batches are reused: each must stay as it is until the next one is asked for."""
+    samples = [(f"v{i:03d}/000000", {"rgb.jpg": asymmetric(i), "flow0.jpg": asymmetric(3 * i), "flow1.jpg": asymmetric(60),
                                      "cls": str(i % 2).encode()}) for i in range(64)]
     make_split(tmp_path, "train", samples, flow_len=2)
     loader = loaders.build(tmp_path, "train", "flow", True, 8, crop=40, backend="cpu", device="cpu", workers=2,
-                           raw=True, shuffle_buffer=1)
+                           raw=raw, shuffle_buffer=1)
     for i, (images, labels, _) in enumerate(loader):  # an epoch left early: its held batches must not block the next
         if i == 1:
             break
     for epoch in range(2):
         batches = 0
-        for images, labels, _ in loader:
-            assert images.shape == (8, 2, 40, 40, 3) and images.dtype == torch.uint8
+        for images, labels, _ in loader:  # raw: windows, 44 x 44 pixels of the 64 x 80 images at DCT scale 6/8
+            assert images.shape == shape and images.dtype == dtype
             before = images.clone()
             time.sleep(0.05)  # the workers run ahead meanwhile
             assert torch.equal(images, before), "a batch must not change until the next one is asked for"
@@ -119,3 +123,24 @@ def test_the_gpus_normalisation_equals_the_cpus(modality, channels_last, dtype):
     k, c = 1 if modality == "flow" else 0, 2  # channel 3k + c is channel c of image k
     expected = (images[:, k, :, :, c].float() - stream.mean[3 * k + c]) / stream.std[3 * k + c]
     assert torch.allclose(b[:, 3 * k + c].float(), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("modality", ["rgb", "flow"])
+@pytest.mark.parametrize("crop, side", [(40, 44), (64, 58)])  # the device shrinks the windows, enlarges them
+def test_windows_resized_by_the_device_equal_the_crops_made_on_the_cpu(tmp_path, modality, crop, side):
+    """For a GPU the workers send the crops' windows and the GPU resizes them; a CPU-only run resizes in the workers."""
+    samples = [(f"v{i:03d}/000000", {"rgb.jpg": textured_jpeg("420", 64, 80), "flow0.jpg": textured_jpeg("444", 64, 80),
+                                     "flow1.jpg": asymmetric(60), "cls": str(i % 2).encode()}) for i in range(32)]
+    make_split(tmp_path, "train", samples, flow_len=2)
+    build = functools.partial(loaders.build, tmp_path, "train", modality, True, 8, crop=crop, backend="cpu",
+                              device="cpu", workers=1, seed=3)
+    windows = [(images.clone(), labels) for images, labels, _ in build(raw=True)]
+    crops = list(build())
+    assert len(windows) == len(crops) == 4
+    stream = build().stream
+    for (window, labels), (crop_batch, crop_labels, _) in zip(windows, crops):
+        assert window.shape == (8, len(stream.exts), side, side, 3) and torch.equal(labels, crop_labels)
+        resized = normalise_torch(window, stream, torch.float32, False, size=crop)
+        assert resized.shape == crop_batch.shape == (8, stream.channels, crop, crop)
+        levels = (resized - crop_batch).abs() * torch.tensor(stream.std).view(1, -1, 1, 1)
+        assert levels.max() < 2.0 and levels.mean() < 0.3, "torch's bilinear and OpenCV's differ by rounding only"

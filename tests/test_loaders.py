@@ -23,7 +23,7 @@ BACKENDS = ["cpu", "dali"]
 def all_batches(loader):
     images, labels, keys = [], [], []
     for x, y, k in loader:
-        images.append(x.float())
+        images.append(x.float().clone())  # a training batch's memory is reused for the next
         labels.append(y)
         keys += k or []
     return torch.cat(images), torch.cat(labels), keys
