@@ -172,6 +172,9 @@ def main(args: argparse.Namespace) -> dict:
     rows = evaluate(streams, weights)
     table = markdown_table(rows)
     print(table)
+    if args.fuse_on == "logits":
+        print("(video scores here are the mean of the frames' logits, as fused; score.py averages softmax scores,\n"
+              " so a stream's video mAP here can differ from the one score.py printed)")
 
     args.out.mkdir(parents=True, exist_ok=True)
     fused_name = list(rows)[-1]

@@ -103,6 +103,24 @@ def test_train_crops_flips_and_flow_x_negation(tmp_path, backend):
                 assert torch.allclose(x, expected, atol=3), "flow x must be negated exactly when flipped"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_jitter_varies_the_scale(tmp_path, backend):
+    """The ramp's slope across a crop measures the resize: one scale without jitter, many with it."""
+    samples = [(f"v{i:03d}/000000", {"rgb.jpg": asymmetric(90), "flow0.jpg": asymmetric(90), "cls": b"0"})
+               for i in range(64)]
+    make_split(tmp_path, "train", samples)
+    spread = {}
+    for jitter in (None, (0.95, 1.3)):
+        loader = loaders.build(tmp_path, "train", "rgb", True, 16, crop=40, backend=backend, device="cpu", workers=2,
+                               scale_jitter=jitter)
+        images, _, _ = all_batches(loader)
+        assert images.shape == (64, 3, 40, 40)
+        ramp = images[:, 1] * IMAGENET_STD[1] + IMAGENET_MEAN[1]  # 20..235 across the 80 pixels of the frame
+        slopes = (ramp[:, :, -4:].mean((1, 2)) - ramp[:, :, :4].mean((1, 2))).abs() / 36
+        spread[jitter] = (slopes.std() / slopes.mean()).item()
+    assert spread[None] < 0.02 and spread[(0.95, 1.3)] > 0.05, spread
+
+
 def test_fp16_and_channels_last(data):
     images, _, _ = next(iter(build(data, "cpu", fp16=True, channels_last=True)))
     assert images.dtype == torch.float16 and images.is_contiguous(memory_format=torch.channels_last)
