@@ -72,12 +72,13 @@ def frame_scores(model, ckpt: dict, args, device: torch.device) -> dict:
                                crop_pos=pos)
         for images, labels, keys in tqdm(loader, desc=f"view {pos}{' and mirrored' if True in flips else ''}",
                                          unit="batch"):
+            labels = labels.tolist()
             for mirrored in flips:
                 view = flip_batch(images, stream) if mirrored else images
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     logits = model(view).float()
                 probs = logits.softmax(1)
-                for key, label, lg, pr in zip(keys, labels.tolist(), logits.cpu().numpy(), probs.cpu().numpy()):
+                for key, label, lg, pr in zip(keys, labels, logits.cpu().numpy(), probs.cpu().numpy()):
                     entry = sums.setdefault(key, [label, 0, 0.0, 0.0])
                     entry[1] += 1
                     entry[2] = entry[2] + lg

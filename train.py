@@ -217,9 +217,9 @@ def evaluate(model: nn.Module, loader, batches: int, dtype, device: torch.device
             logits = model(images)
         logits = logits.float()
         top = logits.topk(min(3, logits.shape[1]), dim=1).indices
-        totals += torch.stack([nn.functional.cross_entropy(logits, labels, reduction="sum"),  # no host sync
-                               (top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(),
-                               torch.tensor(labels.numel(), device=labels.device)]).to(totals)
+        totals[:3] += torch.stack([nn.functional.cross_entropy(logits, labels, reduction="sum"),  # no host sync
+                                   (top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum()]).to(totals)
+        totals[3] += labels.numel()
     if world > 1:
         dist.all_reduce(totals)
     loss, top1, top3, n = totals.tolist()

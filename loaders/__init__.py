@@ -22,8 +22,9 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
     workers, for benchmarks and custom pipelines: not normalised, and in training (without
     scale jitter) not resized, S is then the crop's window side (loaders.cpu.ShardSamples);
     loaders.common.normalise(..., size=crop) finishes them.
-    In training, a batch on the CPU (cpu backend) is valid until the next is asked for (its
-    memory is reused, as DALI's PyTorch iterator reuses its own): use it in the loop, clone it to keep it.
+    In training, a batch on the CPU (cpu backend) is valid until the next is asked for: its
+    memory is reused, as DALI's PyTorch iterator reuses its own. Use it in the loop; clone
+    it to keep it.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stream = open_stream(data, split, modality, flow_len)

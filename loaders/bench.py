@@ -190,5 +190,6 @@ def main(args: argparse.Namespace) -> None:
                                          f"{100 * value / ceiling:.0f}% of the decode ceiling")
         print(f"{name:>16}: {value:8.0f} images/s {comparison}")
 
+
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
