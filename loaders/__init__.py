@@ -5,12 +5,12 @@ from pathlib import Path
 
 import torch
 
-from .common import Stream, open_stream
+from .common import RESIZE_RATIO, Stream, check_fills_a_batch, open_stream
 
 
 def build(data: str | Path, split: str, modality: str, train: bool, batch_size: int, crop: int = 224,
           backend: str = "auto", device: str | torch.device | None = None, flow_len: int | None = None,
-          resize_ratio: float = 1.1, scale_jitter: tuple[float, float] | None = None, rank: int = 0,
+          resize_ratio: float = RESIZE_RATIO, scale_jitter: tuple[float, float] | None = None, rank: int = 0,
           world_size: int = 1, workers: int = 4, shuffle_buffer: int = 4096, seed: int = 0, fp16: bool = False,
           channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5), raw: bool = False):
     """A loader yielding (images, labels, keys) on `device`; keys (sample ids) in eval mode only.
@@ -28,6 +28,8 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stream = open_stream(data, split, modality, flow_len)
+    if train:
+        check_fills_a_batch(stream, batch_size, world_size)
     if backend == "auto":
         backend = "dali" if device.type == "cuda" else "cpu"
     common = dict(stream=stream, train=train, batch_size=batch_size, crop=crop, resize_ratio=resize_ratio,

@@ -15,6 +15,8 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 # Flow is centred at 128 by its encoding; its spread is scaled like ImageNet's so that
 # cross-modality initialised filters see inputs of the size they were trained on.
 FLOW_MEAN, FLOW_STD = 128.0, 58.0
+# Frames are resized to a short side of RESIZE_RATIO x the crop before cropping (the original's 256 for 224).
+RESIZE_RATIO = 1.1
 
 
 @dataclass
@@ -74,6 +76,14 @@ def open_stream(data: str | Path, split: str, modality: str, flow_len: int | Non
     return Stream(tars=tars, indexes=[str(Path(data) / p["idx"]) for p in pieces], modality=modality,
                   flow_len=use_len if modality == "flow" else 1, samples=sum(p["samples"] for p in pieces),
                   classes=manifest["classes"])
+
+
+def check_fills_a_batch(stream: Stream, batch_size: int, world_size: int = 1) -> None:
+    """Training drops what does not fill a batch: a split that cannot fill one would train for ever without a step."""
+    if stream.samples // world_size < batch_size:
+        per_rank = f" ({stream.samples // world_size} for each of {world_size} processes)" if world_size > 1 else ""
+        raise ValueError(f"{stream.modality} has {stream.samples} training samples{per_rank}: not one full batch of "
+                         f"{batch_size}; lower the batch size or pack more videos")
 
 
 def truncated_shards(stream: Stream) -> list[str]:

@@ -21,12 +21,17 @@ Where the time goes, per training image, and what keeps it down:
 """
 from __future__ import annotations
 
+import faulthandler
 import functools
 import math
 import mmap
 import multiprocessing as mp
 import os
 import random
+import re
+import signal
+import sys
+import threading
 import time
 import warnings
 
@@ -134,6 +139,11 @@ def resize_crop(image: np.ndarray, short: float, crop: int, pos: tuple[float, fl
     return image[y0:y0 + crop, x0:x0 + crop]
 
 
+def eval_view(jpeg: bytes, crop: int, short: float, pos: tuple[float, float]) -> np.ndarray:
+    """The eval (and test-time) view of one JPEG: decoded whole, resized to short side `short`, the crop at pos."""
+    return resize_crop(decode(jpeg, math.ceil(short)), short, crop, pos)
+
+
 def fit(window: np.ndarray, side: int, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
     """window resized to side x side (if it is not) and mirrored if asked, in `out` if given (saves a copy)."""
     if window.shape[:2] != (side, side):
@@ -186,7 +196,10 @@ class ShardSamples(IterableDataset):
     copy on the way to the main process); normalise_as: normalise there too (CPU training).
     tags: where workers and consumer share which reused batches are held (training: the
     batches that leave a worker, uint8 or normalised, are reused).
-    Yields (images, labels, keys, tag index or -1 for a batch that is not reused).
+    Yields (images, labels, keys, tag index or -1 for a batch that is not reused); a worker's
+    last batch of an epoch is partial (in training, CpuLoader pools these remainders).
+    where: shared bytes, WHERE_BYTES a worker, naming the shard and sample each worker is on
+    (CpuLoader's report when a worker dies).
 
     The images are crop x crop, except in training batches for the device (uint8, no scale
     jitter): there they are the crops' windows, S x S source pixels, the device resizes. S
@@ -196,11 +209,11 @@ class ShardSamples(IterableDataset):
 
     def __init__(self, stream: Stream, train: bool, crop: int, resize_ratio: float, scale_jitter, rank: int,
                  world_size: int, shuffle_buffer: int, seed: int, skipped, crop_pos: tuple[float, float],
-                 batch_size: int, normalise_as: tuple | None, tags):
+                 batch_size: int, normalise_as: tuple | None, tags, where):
         self.stream, self.train, self.crop, self.resize_ratio = stream, train, crop, resize_ratio
         self.scale_jitter, self.rank, self.world_size = scale_jitter, rank, world_size
         self.shuffle_buffer, self.seed, self.skipped, self.crop_pos = shuffle_buffer, seed, skipped, crop_pos
-        self.batch_size, self.normalise_as, self.tags = batch_size, normalise_as, tags
+        self.batch_size, self.normalise_as, self.tags, self.where = batch_size, normalise_as, tags, where
         self.epoch = 0
         self.side = None  # the side of the images this worker writes (see above)
         self._ring = None  # this worker's SharedBatches (training: the batches that leave the worker)
@@ -250,7 +263,7 @@ class ShardSamples(IterableDataset):
                 scaled = scaled_size(jpeg, math.ceil(short))
                 window = decode_box(jpeg, scaled, footprint(*scaled[1:], short, crop, pos))
             else:
-                window = resize_crop(decode(jpeg, math.ceil(short)), short, crop, pos)
+                window = eval_view(jpeg, crop, short, pos)
             fit(window, self.side, flip, image)
             if flip and stream.modality == "flow":  # flow x is negated by a flip: x -> 255 - x = x ^ 255
                 flat = image.reshape(-1)
@@ -288,7 +301,9 @@ class ShardSamples(IterableDataset):
             stream, dtype, channels_last = self.normalise_as
             out = None
             if info is not None:  # in a worker: into shared memory (saves a copy on send)
-                out, slot = self._shared(normalised_shape(images.shape, channels_last), dtype, info, epoch)
+                out, slot = self._shared(normalised_shape((self.batch_size, *images.shape[1:]), channels_last),
+                                         dtype, info, epoch)
+                out = out[:len(labels)]  # a remainder fills the start of a reused batch
             images = normalise(images, stream, dtype, channels_last, out=out)
         return images, torch.tensor(labels, dtype=torch.long), keys, slot
 
@@ -303,6 +318,8 @@ class ShardSamples(IterableDataset):
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         images, slot, labels, keys = None, -1, [], []
         for sample in samples:
+            if info is not None:
+                _say_where(self.where, info.id, f"{sample['__url__']} sample {sample['__key__']}")
             if images is None:
                 self.side = self.side or self._side(sample)
                 images, slot = self._new_batch(info, epoch)
@@ -317,12 +334,22 @@ class ShardSamples(IterableDataset):
             if len(labels) == self.batch_size:
                 yield self._batch(images, labels, keys, slot, info, epoch)
                 images, labels, keys = None, [], []
-        if labels and not self.train:  # training drops the last partial batch
+        if labels:  # the remainder: kept in eval, pooled with other workers' in training
             yield self._batch(images[:len(labels)], labels, keys, slot, info, epoch)
+        if info is not None:
+            _say_where(self.where, info.id, "done with its share of the epoch")
 
 
 class CpuLoader:
-    """Iterates (images NCHW normalised, labels int64, keys or None) on `device`."""
+    """Iterates (images NCHW normalised, labels int64, keys or None) on `device`.
+
+    In training every epoch yields all the full batches of this rank's samples, whatever the
+    worker count: the workers' remainders are pooled into full batches here.
+    Workers start from a fork of this process, or, once it holds a CUDA context (a model on
+    the GPU), from a clean forkserver process: a fork of a CUDA process is not safe.
+    A worker that dies is reported with its signal or exit code and the shard and sample it
+    was on (its Python traceback, if it crashed in native code, is on stderr above).
+    """
 
     def __init__(self, stream: Stream, train: bool, batch_size: int, crop: int, resize_ratio: float = 1.1,
                  scale_jitter: tuple | None = None, device: str | torch.device = "cpu", rank: int = 0,
@@ -332,8 +359,10 @@ class CpuLoader:
         self.stream, self.train, self.device, self.crop = stream, train, torch.device(device), crop
         self.dtype = torch.float16 if fp16 else torch.float32
         self.channels_last = channels_last
-        self._skipped = mp.get_context("fork").Value("l", 0)
-        self._tags = mp.get_context("fork").RawArray("q", max(num_workers, 1) * SLOTS)  # see SharedBatches
+        context = mp.get_context("forkserver" if torch.cuda.is_initialized() else "fork")
+        self._skipped = context.Value("l", 0)
+        self._tags = context.RawArray("q", max(num_workers, 1) * SLOTS)  # see SharedBatches
+        self._where = context.RawArray("c", max(num_workers, 1) * WHERE_BYTES)  # see ShardSamples
         self._epoch = 0
         # On a GPU, uint8 batches cross the bus and the GPU resizes and normalises them; without
         # one, the workers do it in parallel rather than the main process alone.
@@ -343,13 +372,14 @@ class CpuLoader:
         self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, rank, world_size,
                                     shuffle_buffer, seed, self._skipped, crop_pos, batch_size,
                                     normalise_as=(stream, self.dtype, channels_last) if in_workers else None,
-                                    tags=self._tags)
+                                    tags=self._tags, where=self._where)
         self.samples = stream.samples // world_size
         self.batch_size = batch_size
         self.loader = DataLoader(  # batch_size=None: the workers make the batches
             self.dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_init_worker,
             pin_memory=self.device.type == "cuda", persistent_workers=train and num_workers > 0,
-            multiprocessing_context="fork" if num_workers > 0 else None, prefetch_factor=2 if num_workers else None)
+            multiprocessing_context=context if num_workers > 0 else None, prefetch_factor=2 if num_workers else None)
+        self._watching = False  # SIGCHLD reports a dead worker's whereabouts (_watch_workers)
 
     @property
     def skipped(self) -> int:
@@ -367,13 +397,24 @@ class CpuLoader:
         tag = self._epoch + 1  # what SharedBatches.take tags this epoch's batches with
         self._epoch += 1
         held = -1  # the reused batch the consumer has
+        remainders = []  # training: the workers' partial last batches, pooled into full ones
+        batches = iter(self.loader)
+        self._watch_workers()
         try:
-            for images, labels, keys, slot in self.loader:
+            while (item := self._next(batches)) is not None:
+                images, labels, keys, slot = item
                 self._free(held, tag)  # the consumer asks for the next batch: it is done with the last
-                held = slot
-                if self.loader.pin_memory:  # the pin-memory thread copied it: free already
+                held = -1
+                if self.train and len(labels) < self.batch_size:
+                    remainders.append((images.clone(), labels))  # copied: its reused batch is free again
                     self._free(slot, tag)
-                    held = -1
+                    if sum(len(y) for _, y in remainders) < self.batch_size:
+                        continue
+                    images, labels, remainders = _pool(remainders, self.batch_size)
+                elif not self.loader.pin_memory:  # with pin memory, the pinning thread copied it: free already
+                    held = slot
+                else:
+                    self._free(slot, tag)
                 images = images.to(self.device, non_blocking=True)
                 if not (self.on_cpu or self.raw):  # uint8 crossed the bus; the device normalises
                     images = normalise(images, self.stream, self.dtype, self.channels_last, size=self.crop)
@@ -387,6 +428,70 @@ class CpuLoader:
     def _free(self, slot: int, tag: int) -> None:
         if slot >= 0 and self._tags[slot] == tag:  # not if a later epoch reuses it already
             self._tags[slot] = 0
+
+    def _next(self, batches):
+        """The DataLoader's next batch, or None at the epoch's end; a worker's death says where it was."""
+        try:
+            return next(batches)
+        except StopIteration:
+            return None
+        except Exception as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            raise RuntimeError(self._death_report(e)) from e
+
+    def _watch_workers(self) -> None:
+        """Add the whereabouts to the error the DataLoader raises from SIGCHLD when a worker is killed.
+
+        That error comes wherever the main thread is when the signal arrives (in the training
+        step, say), not from this loader's next(): hence a handler around the DataLoader's own.
+        """
+        if self._watching or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGCHLD)
+        if not callable(previous):  # no workers (or no DataLoader handler): nothing to add to
+            return
+
+        def handler(signum, frame):
+            try:
+                previous(signum, frame)
+            except RuntimeError as e:
+                raise RuntimeError(self._death_report(e)) from None
+
+        signal.signal(signal.SIGCHLD, handler)
+        self._watching = True
+
+    def _death_report(self, error: Exception) -> str:
+        """The DataLoader's error, with each dead or failing worker's signal or exit code and shard and sample."""
+        workers = getattr(self.loader, "_iterator", None)
+        processes = getattr(workers, "_workers", [])
+        failing = {int(i) for i in re.findall(r"worker process (\d+)", str(error))}
+        lines = []
+        for i, process in enumerate(processes):
+            if process.is_alive() and i not in failing:
+                continue
+            code = process.exitcode
+            how = ("raised the exception below" if code is None else f"exited with code {code}" if code >= 0
+                   else f"was killed by signal {signal.Signals(-code).name}")
+            where = self._where[i * WHERE_BYTES:(i + 1) * WHERE_BYTES].rstrip(b"\0").decode(errors="replace")
+            lines.append(f"loader worker {i} (pid {process.pid}) {how}; it was on {where or 'no sample yet'}")
+        return "\n".join(lines + [f"({error})"]) if lines else str(error)
+
+
+def _pool(remainders: list, size: int):
+    """One full batch out of the workers' partial ones: (images, labels, what is left over)."""
+    images = torch.cat([x for x, _ in remainders])
+    labels = torch.cat([y for _, y in remainders])
+    rest = [(images[size:], labels[size:])] if len(labels) > size else []
+    return images[:size], labels[:size], rest
+
+
+WHERE_BYTES = 512  # per worker: "shard sample key", for the report when a worker dies
+
+
+def _say_where(where, worker: int, what: str) -> None:
+    data = what.encode()[:WHERE_BYTES]
+    where[worker * WHERE_BYTES:(worker + 1) * WHERE_BYTES] = data + b"\0" * (WHERE_BYTES - len(data))
 
 
 def _shuffled(items, size: int, rng: random.Random):
@@ -411,3 +516,5 @@ def _flow_x_mask(size: int) -> np.ndarray:
 
 def _init_worker(_: int) -> None:
     cv2.setNumThreads(1)  # the workers are the parallelism
+    if sys.__stderr__ is not None:  # a crash in native code (decoders) prints the Python stack before the worker dies
+        faulthandler.enable(sys.__stderr__)

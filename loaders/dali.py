@@ -9,6 +9,7 @@ import contextlib
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
@@ -33,14 +34,30 @@ def _decode(jpegs, device: str):
     return images[0] if len(images) == 1 else fn.cat(*images, axis=2)
 
 
+def _decode_window(jpegs, device: str, crop: int, short):
+    """Only each sample's random crop window, decoded (nvJPEG's region decoding on the GPU) and stacked (HWC).
+
+    The window is what a resize to short side `short` then a crop x crop crop would keep: a
+    square of crop / short times the image's short side, at a random place, the same for all
+    images of a sample (flow). Decoding and resizing it alone is what the CPU loader does.
+    """
+    height_width = fn.cast(fn.peek_image_shape(jpegs[0])[0:2], dtype=types.FLOAT)
+    height, width = height_width[0], height_width[1]
+    side = crop * dmath.min(height, width) / short
+    window = dict(crop_h=dmath.min(side, height), crop_w=dmath.min(side, width),
+                  crop_pos_x=fn.random.uniform(range=(0.0, 1.0)), crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
+    images = [fn.decoders.image_crop(j, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB, **window)
+              for j in jpegs]
+    return images[0] if len(images) == 1 else fn.cat(*images, axis=2)
+
+
 @pipeline_def
 def train_pipeline(stream: Stream, device: str, crop: int, resize_shorter: float, scale_jitter: tuple | None,
                    shard_id: int, num_shards: int, shuffle_buffer: int, fp16: bool, channels_last: bool):
-    """Short-side resize (optionally jittered), random crop, random flip, normalise."""
+    """Random crop window (of a short side resized to resize_shorter, optionally jittered), random flip, normalise."""
     jpegs, labels = _read(stream, shard_id, num_shards, shuffle_buffer)
-    images = _decode(jpegs, device)
     short = resize_shorter * fn.random.uniform(range=scale_jitter) if scale_jitter else resize_shorter
-    images = fn.resize(images, resize_shorter=short, antialias=True)
+    images = fn.resize(_decode_window(jpegs, device, crop, short), size=[crop, crop], antialias=True)
     flip = fn.random.coin_flip()
     # A flip negates flow x, stored as x -> 255 - x: ((255 - x) - m) / s == (x - (255 - m)) / -s,
     # so it is folded into the per-sample mean and std of the flipped channels.
@@ -48,8 +65,7 @@ def train_pipeline(stream: Stream, device: str, crop: int, resize_shorter: float
     mean = types.Constant(np.array(stream.mean, np.float32)) + flip * (negate * (255.0 - 2 * np.array(stream.mean, np.float32)))
     std = types.Constant(np.array(stream.std, np.float32)) * (1.0 - 2.0 * flip * negate)
     images = fn.crop_mirror_normalize(
-        images, crop=(crop, crop), crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-        crop_pos_y=fn.random.uniform(range=(0.0, 1.0)), mirror=flip, mean=mean, std=std,
+        images, mirror=flip, mean=mean, std=std,
         dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC" if channels_last else "CHW")
     return images, labels.gpu() if device == "gpu" else labels
 

@@ -28,9 +28,32 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(_get(model, parent) if parent else model, name, module)
 
 
+class PaddedInputConv2d(nn.Conv2d):
+    """A first convolution whose input channels are zero-padded to a multiple of 8 on the GPU.
+
+    Tensor-core convolutions in half precision and channels-last want a channel count that
+    is a multiple of 8; for 15 (flow x5) cuDNN falls back to slower kernels. The zeros are
+    added on the fly to the input and the weights, so the parameters (and checkpoints) keep
+    the real channel count and the output is the same.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.padded(x) if x.is_cuda and self.in_channels % 8 else super().forward(x)
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        wide = x.new_zeros((n, -(-c // 8) * 8, h, w)).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        wide[:, :c] = x
+        weight = self.weight.new_zeros((self.out_channels, wide.shape[1], *self.kernel_size))
+        weight[:, :c] = self.weight
+        return self._conv_forward(wide, weight, self.bias)
+
+
 def cross_modality(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """A first layer for stacked flow: the RGB filters averaged over colour, repeated (as TSN does)."""
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+    new = PaddedInputConv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None)
     with torch.no_grad():
         new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).expand(-1, in_channels, -1, -1))

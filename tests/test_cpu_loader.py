@@ -144,3 +144,78 @@ def test_windows_resized_by_the_device_equal_the_crops_made_on_the_cpu(tmp_path,
         assert resized.shape == crop_batch.shape == (8, stream.channels, crop, crop)
         levels = (resized - crop_batch).abs() * torch.tensor(stream.std).view(1, -1, 1, 1)
         assert levels.max() < 2.0 and levels.mean() < 0.3, "torch's bilinear and OpenCV's differ by rounding only"
+
+
+def distinct_samples(root, count: int, flow_len: int = 1) -> None:
+    """A train split of `count` samples in one shard, sample i all of grey level i (tells which samples came)."""
+    samples = [(f"v{i:03d}/000000", {"rgb.jpg": asymmetric(i), **{f"flow{k}.jpg": asymmetric(i) for k in range(flow_len)},
+                                     "cls": b"0"}) for i in range(count)]
+    make_split(root, "train", samples, flow_len=flow_len)
+
+
+def grey_levels(images: torch.Tensor) -> list[int]:
+    from loaders.common import IMAGENET_MEAN, IMAGENET_STD
+
+    return (images[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]).mean((1, 2)).round().int().tolist()
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_more_workers_than_the_shards_can_feed_still_fill_every_batch(tmp_path, raw):
+    """8 workers share 60 samples: 7-8 each, none a batch of 8 alone; pooled, the epoch gives all 7 full batches."""
+    distinct_samples(tmp_path, 60)
+    loader = loaders.build(tmp_path, "train", "rgb", True, 8, crop=40, backend="cpu", device="cpu", workers=8,
+                           raw=raw, shuffle_buffer=1)
+    for _ in range(2):
+        seen = []
+        for images, labels, _ in loader:
+            assert images.shape[0] == labels.shape[0] == 8
+            seen += grey_levels(normalise_torch(images, loader.stream, torch.float32, False, size=40) if raw else images)
+        assert len(seen) == len(loader) * 8 == 56
+        assert len(set(seen)) == 56 and all(0 <= level < 60 for level in seen), "each sample at most once"
+
+
+def test_a_split_that_cannot_fill_one_batch_is_refused_before_any_work(tmp_path):
+    distinct_samples(tmp_path, 12)
+    for backend in ("cpu", "dali"):
+        with pytest.raises(ValueError, match="12 training samples.*not one full batch of 16"):
+            loaders.build(tmp_path, "train", "rgb", True, 16, crop=40, backend=backend, device="cpu")
+        with pytest.raises(ValueError, match=r"6 for each of 2 processes.*batch of 8"):
+            loaders.build(tmp_path, "train", "rgb", True, 8, crop=40, backend=backend, device="cpu", world_size=2)
+    assert len(list(loaders.build(tmp_path, "train", "rgb", True, 12, crop=40, backend="cpu",
+                                  device="cpu", workers=2))) == 1
+
+
+def test_a_worker_that_dies_says_how_and_where(tmp_path, monkeypatch):
+    """A worker killed by a signal (a crash in a decoder, say): the error names the signal, the shard and the sample."""
+    import os
+    import signal
+
+    distinct_samples(tmp_path, 40)
+    real = cpu.ShardSamples._augment
+
+    def crash_on_v017(self, sample, rng, out):
+        if sample["__key__"] == "v017/000000":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real(self, sample, rng, out)
+
+    monkeypatch.setattr(cpu.ShardSamples, "_augment", crash_on_v017)
+    loader = loaders.build(tmp_path, "train", "rgb", True, 4, crop=40, backend="cpu", device="cpu", workers=2)
+    with pytest.raises(RuntimeError) as error:
+        for _ in loader:
+            time.sleep(0.05)
+    message = str(error.value)
+    assert "SIGSEGV" in message and "shard-00000-000.tar sample v017/000000" in message, message
+
+
+def test_workers_from_a_forkserver_give_the_same_batches(data, monkeypatch):
+    """Once this process holds a CUDA context the workers start from a forkserver: the same batches."""
+    def batches():
+        loader = loaders.build(data, "val", "flow", False, 8, crop=48, backend="cpu", device="cpu", workers=2)
+        return [(x.clone(), y, k) for x, y, k in loader]
+
+    forked = batches()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    served = batches()
+    assert len(forked) == len(served) > 2
+    for (a, y, k), (b, z, m) in zip(forked, served):
+        assert torch.equal(a, b) and torch.equal(y, z) and k == m

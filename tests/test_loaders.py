@@ -118,6 +118,8 @@ def test_scale_jitter_varies_the_scale(tmp_path, backend):
         ramp = images[:, 1] * IMAGENET_STD[1] + IMAGENET_MEAN[1]  # 20..235 across the 80 pixels of the frame
         slopes = (ramp[:, :, -4:].mean((1, 2)) - ramp[:, :, :4].mean((1, 2))).abs() / 36
         spread[jitter] = (slopes.std() / slopes.mean()).item()
+        if jitter is None:  # the short side (64) resized to 1.1 x the crop: 215 levels over 80 x 44 / 64 pixels
+            assert slopes.mean().item() == pytest.approx(215 / 79 * 64 / 44, rel=0.05)
     assert spread[None] < 0.02 and spread[(0.95, 1.3)] > 0.05, spread
 
 

@@ -49,3 +49,16 @@ def test_errors():
         nets.build("resnet18", 3, pretrained="/nowhere/weights.pth")
     with pytest.raises(ValueError, match="unknown arch"):
         nets.build("alexnet", 3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_flow_first_layer_padded_to_8_channels_gives_the_same_output(channels_last):
+    """On the GPU the flow network's first layer pads 15 channels to 16 (faster kernels): the same output, the same parameters."""
+    model = nets.build("inception_v3", num_classes=5, modality="flow", flow_len=5)
+    conv = model.Conv2d_1a_3x3.conv
+    assert isinstance(conv, nets.PaddedInputConv2d) and conv.weight.shape == (32, 15, 3, 3)
+    assert "Conv2d_1a_3x3.conv.weight" in model.state_dict()
+    x = torch.randn(2, 15, 41, 37)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(conv.padded(x), conv(x), atol=1e-5)
