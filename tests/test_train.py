@@ -12,6 +12,7 @@ import torch
 
 import train
 from conftest import ROOT, run_pack
+from pack.manifest import load_manifest
 
 TINY = ["--arch", "resnet18", "--input-size", "32", "--batch-size", "8", "--workers", "1", "--log-every", "2"]
 
@@ -114,3 +115,31 @@ def test_clear_errors_before_work(data, tmp_path):
     with pytest.raises(SystemExit, match="6 classes"):
         run_train("--data", tmp_path / "two", *TINY, "--modality", "rgb", "--val-split", "", "--max-iterations", "4",
                   "--save-dir", tmp_path / "a", "--resume")
+
+
+def test_cuda_graph_where_it_works_and_clear_refusals(data, tmp_path):
+    """Which steps are graphed (the graph itself needs a GPU: benchmarks/gpu_check.sh runs it)."""
+    def decide(extra, device, dtype, world=1):
+        args = train.get_args_parser().parse_args(["--data", str(data), "--modality", "rgb", *extra])
+        return train.graph_decision(args, torch.device(device), dtype, world)
+
+    assert decide([], "cuda", torch.bfloat16)[0] and decide([], "cuda", None)[0]  # bf16 and fp32
+    assert decide(["--cuda-graph", "off"], "cuda", torch.bfloat16) == (False, "off (--cuda-graph off)")
+    for why, extra, device, dtype, world in [("CUDA device", [], "cpu", None, 1),
+                                             ("fp16", [], "cuda", torch.float16, 1),
+                                             ("--compile", ["--compile"], "cuda", torch.bfloat16, 1),
+                                             ("DDP", [], "cuda", torch.bfloat16, 2)]:
+        graphed, note = decide(extra, device, dtype, world)
+        assert not graphed and why in note
+        with pytest.raises(SystemExit, match=f"--cuda-graph on: .*{why}"):
+            decide(["--cuda-graph", "on", *extra], device, dtype, world)
+    run_train("--data", data, "--modality", "rgb", *TINY, "--max-iterations", "2", "--val-split", "",
+              "--save-dir", tmp_path)
+    assert "CUDA graph off: it needs a CUDA device" in (tmp_path / "train.log").read_text()
+    assert final_checkpoint(tmp_path)["pack_params"] == load_manifest(data)["splits"]["train"]["params"]
+
+
+def test_a_split_that_cannot_fill_one_batch_is_refused(data, tmp_path):
+    samples = load_manifest(data)["splits"]["train"]["samples"]
+    with pytest.raises(SystemExit, match=f"{samples} training samples: not one full batch of {samples + 1}"):
+        run_train("--data", data, "--modality", "rgb", *TINY, "--batch-size", samples + 1, "--save-dir", tmp_path)
