@@ -55,34 +55,50 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]
     return model.to(device).eval(), ckpt
 
 
+def inference_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def crop_positions(tta: str) -> dict[tuple, list[bool]]:
+    """The test-time views by crop position: each position is decoded once, its mirror flipped on the device."""
+    positions: dict[tuple, list[bool]] = {}
+    for pos, mirrored in TTA[tta]:
+        positions.setdefault(pos, []).append(mirrored)
+    return positions
+
+
+@torch.no_grad()
+def view_sums(model, images: torch.Tensor, stream, flips: list[bool], dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and softmax scores of a batch of one crop position, summed over its views (as is, mirrored)."""
+    logit_sum = prob_sum = 0
+    for mirrored in flips:
+        view = flip_batch(images, stream) if mirrored else images
+        with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(view).float()
+        logit_sum, prob_sum = logit_sum + logits, prob_sum + logits.softmax(1)
+    return logit_sum, prob_sum
+
+
 @torch.no_grad()
 def frame_scores(model, ckpt: dict, args, device: torch.device) -> dict:
     """Softmax and logits per sample key, averaged over the test-time views."""
     a = ckpt["args"]
     stream = open_stream(args.data, args.split, a["modality"], a["flow_len"])
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    dtype = inference_dtype(device)
     sums: dict[str, list] = {}
     views = TTA[args.tta]
-    mirrors: dict[tuple, list[bool]] = {}  # each crop position is decoded once; its mirror is flipped on the device
-    for pos, mirrored in views:
-        mirrors.setdefault(pos, []).append(mirrored)
-    for pos, flips in mirrors.items():
+    for pos, flips in crop_positions(args.tta).items():
         loader = loaders.build(args.data, args.split, a["modality"], False, args.batch_size, crop=a["input_size"],
                                backend=args.backend, device=device, flow_len=a["flow_len"], workers=args.workers,
                                crop_pos=pos)
         for images, labels, keys in tqdm(loader, desc=f"view {pos}{' and mirrored' if True in flips else ''}",
                                          unit="batch"):
-            labels = labels.tolist()
-            for mirrored in flips:
-                view = flip_batch(images, stream) if mirrored else images
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = model(view).float()
-                probs = logits.softmax(1)
-                for key, label, lg, pr in zip(keys, labels, logits.cpu().numpy(), probs.cpu().numpy()):
-                    entry = sums.setdefault(key, [label, 0, 0.0, 0.0])
-                    entry[1] += 1
-                    entry[2] = entry[2] + lg
-                    entry[3] = entry[3] + pr
+            logits, probs = view_sums(model, images, stream, flips, dtype)
+            for key, label, lg, pr in zip(keys, labels.tolist(), logits.cpu().numpy(), probs.cpu().numpy()):
+                entry = sums.setdefault(key, [label, 0, 0.0, 0.0])
+                entry[1] += len(flips)
+                entry[2] = entry[2] + lg
+                entry[3] = entry[3] + pr
         if getattr(loader, "skipped", 0):
             print(f"warning: {loader.skipped} bad samples were skipped")
     uneven = [k for k, e in sums.items() if e[1] != len(views)]

@@ -54,13 +54,25 @@ def encode_jpeg(image_bgr: np.ndarray, quality: int, full_chroma: bool = False) 
 
 
 def pack_video(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer) -> tuple[int, list]:
-    """Decode a video; return (frames decoded, samples).
+    """Decode a video; return (frames decoded, samples): video_samples(), all of them."""
+    samples = video_samples(path, p, flow_fn, timer)
+    kept = []
+    while True:
+        try:
+            kept.append(next(samples))
+        except StopIteration as end:
+            return end.value, kept
+
+
+def video_samples(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer):
+    """Decode a video, yielding its samples as they are ready; returns the number of frames decoded.
 
     Samples are (frame t, rgb_jpeg, [flow_jpeg] * flow_len) for t = 0, stride, 2*stride, ...
 
     Flow i of the sample at frame t goes from frame t+i to t+i+1. Near the end, where
     t+i+1 does not exist, the last flow of the video (frames n-2 -> n-1) is repeated.
-    Frames are converted, and flow computed, only where a sample needs them.
+    Frames are converted, and flow computed, only where a sample needs them: what is held
+    at any time is a few frames, however long the video.
     """
     size, reformatter = None, VideoReformatter()
     gray: dict[int, np.ndarray] = {}  # converted frames still needed, by index
@@ -99,7 +111,7 @@ def pack_video(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer) -> tupl
             del flows[i]
         return sample
 
-    n, samples = 0, []
+    n = 0
     for i, frame in decode_frames(path, p.short_side):
         timer.lap("decode")
         n = i + 1
@@ -109,7 +121,7 @@ def pack_video(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer) -> tupl
         if needed(i):
             gray_of(i, frame)
         if next_sample + p.flow_len == i:  # all frames of the oldest pending sample are here
-            samples.append(emit(next_sample, last_pair=i))
+            yield emit(next_sample, last_pair=i)
             next_sample += p.stride
     if n == 0:
         raise VideoError("empty: the file holds no video frames")
@@ -118,9 +130,9 @@ def pack_video(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer) -> tupl
     for i, frame in last_two:  # the padding pair n-2 -> n-1
         gray_of(i, frame)
     while next_sample < n:
-        samples.append(emit(next_sample, last_pair=n - 2))
+        yield emit(next_sample, last_pair=n - 2)
         next_sample += p.stride
-    return n, samples
+    return n
 
 
 def pack_group(split_dir: Path, group: int, videos: list[dict], p: PackParams, progress=None) -> dict:

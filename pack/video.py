@@ -58,6 +58,16 @@ def decode_frames(path: str | Path, short_side: int) -> Iterator[tuple[int, av.V
                 raise VideoError("undecodable: no frame could be decoded") from None
 
 
+def frame_rate(path: str | Path) -> float | None:
+    """Frames per second of a video's first video stream, if its container says."""
+    try:
+        with av.open(str(path)) as container:
+            rate = container.streams.video[0].average_rate
+            return float(rate) if rate else None
+    except (av.FFmpegError, IndexError, UnicodeDecodeError):
+        return None
+
+
 def to_bgr(frame: av.VideoFrame, size: tuple[int, int], reformatter: VideoReformatter) -> np.ndarray:
     """Resize and colour-convert in one swscale pass (BGR, as OpenCV expects).
 

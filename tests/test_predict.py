@@ -1,0 +1,122 @@
+"""predict.py on raw videos: the numbers pack -> score -> fuse give, a timeline, the JSON, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fuse
+import metrics
+import predict
+from conftest import DATA, ROOT
+from pack.synth import write_video
+
+
+def run_predict(*argv) -> dict:
+    return predict.main(predict.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def checkpoints(trained) -> list:
+    return ["--rgb", trained["rgb"] / "latest.pt", "--flow", trained["flow"] / "latest.pt"]
+
+
+def test_predictions_equal_score_and_fuse_on_the_packed_videos(synth, trained, capsys):
+    outcome = run_predict(synth / "videos" / "val", *checkpoints(trained), "--top", "3")
+    results = outcome["results"]
+    assert len(results) == 12 and not outcome["report"]["failed"]
+    streams = {name: fuse.load_scores(trained[f"{m}_npz"], "logits", None) for name, m in (("RGB", "rgb"), ("Flow", "flow"))}
+    fused_logits = fuse.fuse([s["videos"] for s in streams.values()], [1.0, 1.0])
+    for name, m in (("RGB", "rgb"), ("Flow", "flow")):
+        z = trained[f"{m}_scores"]
+        ids, expected = metrics.video_scores(z["scores"], z["videos"], 0)
+        for video_id, row in zip(ids, expected):
+            got = results[video_id.rsplit("_", 2)[0]]["videos"][name]  # keyed by YouTube id
+            assert np.allclose(got, row, atol=1e-4), (name, video_id)
+            assert list(np.argsort(-got)[:5]) == list(np.argsort(-row)[:5])
+    for video_id, logits in fused_logits.items():
+        got = results[video_id.rsplit("_", 2)[0]]["fused"]
+        assert np.allclose(got, predict.softmax(logits), atol=1e-4)
+        assert list(got.argsort()[::-1][:5]) == list(predict.softmax(logits).argsort()[::-1][:5])
+    printed = capsys.readouterr().out
+    assert printed.count("| class | fused | RGB | Flow |") == 12
+
+
+def test_real_clips_timeline_and_result_json(trained, tmp_path):
+    out = tmp_path / "predictions.json"
+    outcome = run_predict(DATA / "bikes.mp4", DATA / "g1.avi", *checkpoints(trained), "--tta", "flip",
+                          "--out", out, "--timeline", tmp_path / "timeline", "--top", "4", "--batch-size", "7")
+    assert set(outcome["results"]) == {"bikes", "g1"}
+    doc = json.loads(out.read_text())
+    assert doc["version"] == "KINETICS-400" and doc["external_data"] == {"used": False, "details": ""}
+    classes = outcome["classes"]
+    for key, top5 in doc["results"].items():
+        assert len(top5) == 5 and all(set(p) == {"label", "score"} and p["label"] in classes for p in top5)
+        scores = [p["score"] for p in top5]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
+    assert doc["report"]["failed"] == {} and doc["report"]["tta"] == "flip"
+    for key, result in outcome["results"].items():
+        png = tmp_path / "timeline" / f"{key}.png"
+        with Image.open(png) as image:
+            assert image.width > 500
+            drawn = json.loads(image.text["Description"])
+        assert drawn["panels"] == ["RGB", "Flow", "fused"]
+        assert drawn["classes"] == [classes[c] for c in result["top"][:4]] and len(set(drawn["classes"])) == 4
+        samples = len(result["frame_scores"]["RGB"])
+        assert samples == -(-result["frames"] // 4)  # one sample every 4 frames (the stride the data was packed with)
+
+
+def test_either_stream_alone(trained):
+    video = DATA / "g1.avi"
+    rgb = run_predict(video, "--rgb", trained["rgb"] / "latest.pt")["results"]["g1"]
+    both = run_predict(video, *checkpoints(trained))["results"]["g1"]
+    assert list(rgb["videos"]) == ["RGB"] and np.allclose(rgb["fused"], rgb["videos"]["RGB"])
+    assert np.allclose(rgb["videos"]["RGB"], both["videos"]["RGB"], atol=1e-5)  # no flow computed, same RGB inputs
+    flow = run_predict(video, "--flow", trained["flow"] / "latest.pt")["results"]["g1"]
+    assert np.allclose(flow["videos"]["Flow"], both["videos"]["Flow"], atol=1e-5)
+
+
+def test_bad_videos_are_reported_and_the_rest_predicted(trained, tmp_path):
+    frames = [np.full((72, 96, 3), v, np.uint8) for v in (40, 200)]
+    write_video(tmp_path / "one_frame.mp4", frames[:1], 25, "libx264")
+    write_video(tmp_path / "two_frames.mp4", frames, 25, "libx264")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "notes.mp4").write_text("not a video\n")
+    (tmp_path / "truncated.mp4").write_bytes((DATA / "bikes.mp4").read_bytes()[:3000])
+    out = tmp_path / "p.json"
+    inputs = [tmp_path / "missing.mp4", tmp_path / "one_frame.mp4", tmp_path / "empty.mp4", tmp_path / "notes.mp4",
+              tmp_path / "truncated.mp4", tmp_path / "two_frames.mp4", DATA / "g1.avi"]
+    done = subprocess.run([sys.executable, "predict.py", *map(str, inputs), *map(str, checkpoints(trained)),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    report = json.loads(out.read_text())["report"]
+    failed = {k.rsplit("/", 1)[1]: v for k, v in report["failed"].items()}
+    assert failed["missing.mp4"].startswith("missing") and failed["one_frame.mp4"].startswith("too short")
+    assert failed["empty.mp4"].startswith("undecodable") and failed["notes.mp4"].startswith("undecodable")
+    assert failed["truncated.mp4"].startswith(("undecodable", "empty"))
+    assert set(json.loads(out.read_text())["results"]) == {"two_frames", "g1"}
+    assert "shorter than one flow stack" in report["notes"][str(tmp_path / "two_frames.mp4")]
+    for name in failed:
+        assert f"{name}: NOT predicted" in done.stdout
+    assert "5 of 7 video(s) NOT predicted" in done.stdout
+
+
+def test_checkpoints_that_do_not_say_how_their_inputs_were_made(data, trained, tmp_path):
+    old = torch.load(trained["rgb"] / "latest.pt", map_location="cpu", weights_only=True)
+    del old["pack_params"]
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match="give --data DATA"):
+        run_predict(DATA / "g1.avi", "--rgb", tmp_path / "old.pt")
+    with_data = run_predict(DATA / "g1.avi", "--rgb", tmp_path / "old.pt", "--data", data)["results"]["g1"]
+    assert np.allclose(with_data["fused"], run_predict(DATA / "g1.avi", "--rgb", trained["rgb"] / "latest.pt")["results"]["g1"]["fused"])
+    other = torch.load(trained["flow"] / "latest.pt", map_location="cpu", weights_only=True)
+    other["classes"] = other["classes"][::-1]
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="other class lists"):
+        run_predict(DATA / "g1.avi", "--rgb", trained["rgb"] / "latest.pt", "--flow", tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="--rgb CHECKPOINT, --flow CHECKPOINT"):
+        run_predict(DATA / "g1.avi")
