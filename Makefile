@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml constraints.txt loaders/_j
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=10
 
-# Synthesize -> pack -> train RGB -> train flow -> score both -> fuse -> the results table.
+# Synthesize -> pack -> train RGB -> train flow -> score both -> fuse -> the results table -> predict two raw videos.
 TRAIN := --arch resnet18 --input-size 80 --batch-size 32 --lr 0.01 --max-iterations 200 --step-values 150 \
 	--val-every 100 --val-batches 10 --ckpt-every 100 --workers $(WORKERS) --log-every 20
 demo: $(VENV)/.installed
@@ -35,6 +35,9 @@ demo: $(VENV)/.installed
 	$(PY) score.py --checkpoint $(DEMO)/runs/rgb/latest.pt --data $(DEMO)/data --split val --out $(DEMO)/scores/rgb_val.npz --workers $(WORKERS)
 	$(PY) score.py --checkpoint $(DEMO)/runs/flow/latest.pt --data $(DEMO)/data --split val --out $(DEMO)/scores/flow_val.npz --workers $(WORKERS)
 	$(PY) fuse.py $(DEMO)/scores/rgb_val.npz $(DEMO)/scores/flow_val.npz --out $(DEMO)/results
+	$(PY) predict.py $$(ls $(DEMO)/raw/videos/val/red_moving_up/*.mp4 | head -1) \
+		$$(ls $(DEMO)/raw/videos/val/blue_moving_down/*.mp4 | head -1) \
+		--rgb $(DEMO)/runs/rgb/latest.pt --flow $(DEMO)/runs/flow/latest.pt --out $(DEMO)/predictions.json --timeline $(DEMO)/timeline
 
 clean:
 	rm -rf $(DEMO) $(VENV)

@@ -92,44 +92,48 @@ def score_batch(stream: dict, samples: list, tta: str, device: torch.device) -> 
     return (logits / views).cpu().numpy(), (probs / views).cpu().numpy()
 
 
-def score_video(path: Path, streams: list[dict], args) -> dict:
+def in_batches(samples, size: int, ended: dict):
+    """Lists of `size` samples (the last may be shorter); then ended["frames"] holds the frames decoded."""
+    batch = []
+    while True:
+        try:
+            batch.append(next(samples))
+        except StopIteration as end:
+            ended["frames"] = end.value
+            if batch:
+                yield batch
+            return
+        if len(batch) == size:
+            yield batch
+            batch = []
+
+
+def score_video(path: Path, streams: list[dict], args, device: torch.device) -> dict:
     """Frame times, logits and scores of each stream over the whole video, one batch of samples at a time.
 
     Streams packed with the same parameters share one decoding pass; others get their own.
     Held at any time: a few frames, one batch of samples, and C numbers per sample per stream.
     """
-    device = streams[0]["model"].parameters().__next__().device
-    out, frames = {}, 0
+    out, ended = {}, {}
     by_params: dict[PackParams, list[dict]] = {}
     for s in streams:
         by_params.setdefault(s["params"], []).append(s)
     for params, group in by_params.items():
         if all(s["stream"].modality == "rgb" for s in group):  # no flow needed: none computed
             params = PackParams(**{**params.__dict__, "flow_len": 0})
-        samples = video_samples(path, params, make_flow_fn(params.flow), Timer())
-        parts = {s["name"]: ([], [], []) for s in group}
+        parts = {s["name"]: ([], [], []) for s in group}  # frame indices, logits, scores
         bar = tqdm(desc=f"{path.name} ({', '.join(parts)})", unit="sample", leave=False)
-        while True:
-            batch = []
-            try:
-                while len(batch) < args.batch_size:
-                    batch.append(next(samples))
-            except StopIteration as end:
-                frames = end.value
-            if batch:
-                for s in group:
-                    logits, probs = score_batch(s, batch, args.tta, device)
-                    parts[s["name"]][0].append([t for t, _, _ in batch])
-                    parts[s["name"]][1].append(logits)
-                    parts[s["name"]][2].append(probs)
-                bar.update(len(batch))
-            if len(batch) < args.batch_size:
-                break
+        for batch in in_batches(video_samples(path, params, make_flow_fn(params.flow), Timer()), args.batch_size, ended):
+            for s in group:
+                logits, probs = score_batch(s, batch, args.tta, device)
+                for part, values in zip(parts[s["name"]], ([t for t, _, _ in batch], logits, probs)):
+                    part.append(values)
+            bar.update(len(batch))
         bar.close()
         for name, (times, logits, probs) in parts.items():
             out[name] = {"frames": np.concatenate(times), "logits": np.concatenate(logits),
                          "scores": np.concatenate(probs), "params": params}
-    return {"streams": out, "frames": frames}
+    return {"streams": out, "frames": ended["frames"]}
 
 
 def video_values(frame_values: np.ndarray, class_topk: int) -> np.ndarray:
@@ -137,15 +141,38 @@ def video_values(frame_values: np.ndarray, class_topk: int) -> np.ndarray:
     return metrics.video_scores(frame_values, np.zeros(len(frame_values), dtype=np.int64), class_topk)[1][0]
 
 
-def fused(streams: dict, weights: dict, fuse_on: str, class_topk: int) -> tuple[np.ndarray, np.ndarray]:
-    """fuse.py's fusion of the streams: (the fused video values, the fused frame values), softmaxed on logits."""
-    frames = {name: s[fuse_on] for name, s in streams.items()}
-    w = [weights[name] for name in frames]
-    videos = fuse.fuse([{0: video_values(v, class_topk)} for v in frames.values()], w)[0]
-    per_frame = fuse.fuse([{0: v} for v in frames.values()], w)[0]
+def fused(streams: dict, weights: dict, fuse_on: str, class_topk: int) -> tuple[np.ndarray, tuple]:
+    """fuse.py's fusion of the streams: the fused video values and (frames, fused frame values), softmaxed on logits.
+
+    A frame that only one stream has (streams packed with other strides) is that stream's, as in fuse.py.
+    """
+    w = [weights[name] for name in streams]
+    videos = fuse.fuse([{0: video_values(s[fuse_on], class_topk)} for s in streams.values()], w)[0]
+    per_frame = fuse.fuse([dict(zip(s["frames"].tolist(), s[fuse_on])) for s in streams.values()], w)
+    frames = np.array(sorted(per_frame))
+    values = np.stack([per_frame[f] for f in frames])
     if fuse_on == "logits":
-        videos, per_frame = softmax(videos), softmax(per_frame)
-    return videos, per_frame
+        videos, values = softmax(videos), softmax(values)
+    return videos, (frames, values)
+
+
+def predict_video(path: Path, streams: list[dict], weights: dict, args, device: torch.device) -> dict:
+    """A video's frame and video scores per stream, fused, its classes best first, and a note if it is very short."""
+    if not path.is_file():
+        raise VideoError("missing: no such file")
+    scored = score_video(path, streams, args, device)
+    one = {"streams": scored["streams"], "frames": scored["frames"], "note": None,
+           "videos": {n: video_values(s["scores"], args.class_topk) for n, s in scored["streams"].items()}}
+    if len(streams) == 2:
+        one["fused"], one["fused_frames"] = fused(scored["streams"], weights, args.fuse_on, args.class_topk)
+    else:
+        one["fused"], one["fused_frames"] = one["videos"][streams[0]["name"]], None
+    one["top"] = np.argsort(-one["fused"], kind="stable")
+    stack = max(s["params"].flow_len for s in scored["streams"].values())
+    if stack and scored["frames"] <= stack:
+        one["note"] = (f"{scored['frames']} frames: shorter than one flow stack ({stack + 1} frames); "
+                       f"its last flow image is repeated, as pack does")
+    return one
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -172,13 +199,13 @@ def plot_timeline(path: Path, video: str, result: dict, classes: list[str], top:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = dict(result["frame_scores"])
+    panels = {name: (s["frames"], s["scores"]) for name, s in result["streams"].items()}
     if len(panels) > 1:
         panels["fused"] = result["fused_frames"]
     drawn = [classes[c] for c in result["top"][:top]]
-    times = next(iter(result["streams"].values()))["frames"] / (fps or 1.0)
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 * len(panels) + 0.8), sharex=True, squeeze=False)
-    for ax, (name, values) in zip(axes[:, 0], panels.items()):
+    for ax, (name, (frames, values)) in zip(axes[:, 0], panels.items()):
+        times = frames / (fps or 1.0)
         for c, label in zip(result["top"][:top], drawn):
             ax.plot(times, values[:, c], marker="." if len(times) < 40 else None, label=label)
         ax.set(ylabel=f"{name} score", ylim=(0, 1))
@@ -231,27 +258,17 @@ def main(args: argparse.Namespace) -> dict:
     videos = find_videos(args.videos)
     for path in tqdm(videos, desc="videos", unit="video", disable=len(videos) < 2):
         try:
-            if not path.is_file():
-                raise VideoError("missing: no such file")
-            scored = score_video(path, streams, args)
+            one = predict_video(path, streams, weights, args, device)
         except VideoError as e:
             failed[str(path)] = str(e)
             print(f"{path}: NOT predicted: {e}")
             continue
-        one = {"streams": scored["streams"], "frames": scored["frames"],
-               "videos": {n: video_values(s["scores"], args.class_topk) for n, s in scored["streams"].items()},
-               "frame_scores": {n: s["scores"] for n, s in scored["streams"].items()}}
-        one["fused"], one["fused_frames"] = (fused(scored["streams"], weights, args.fuse_on, args.class_topk)
-                                             if len(streams) == 2 else (one["videos"][streams[0]["name"]], None))
-        one["top"] = np.argsort(-one["fused"], kind="stable")
-        flow = next((s for s in scored["streams"].values() if s["params"].flow_len), None)
-        if flow and scored["frames"] <= flow["params"].flow_len:
-            notes[str(path)] = (f"{scored['frames']} frames: shorter than one flow stack ({flow['params'].flow_len + 1} "
-                                f"frames); its last flow image is repeated, as pack does")
+        if one["note"]:
+            notes[str(path)] = one["note"]
         key = result_key(path, keys)
         keys.add(key)
-        print(f"\n{path} ({scored['frames']} frames, {len(one['frame_scores'][streams[0]['name']])} samples)"
-              f"{': ' + notes[str(path)] if str(path) in notes else ''}")
+        samples = ", ".join(f"{len(s['frames'])} {n} samples" for n, s in one["streams"].items())
+        print(f"\n{path} ({one['frames']} frames; {samples}){': ' + one['note'] if one['note'] else ''}")
         print(table(one, classes, args.top))
         if args.timeline:
             png = args.timeline / f"{key}.png"
@@ -263,8 +280,7 @@ def main(args: argparse.Namespace) -> dict:
               "fuse_on": args.fuse_on if len(streams) == 2 else None, "tta": args.tta, "class_topk": args.class_topk,
               "failed": failed, "notes": notes}
     if args.out:
-        doc = score.results_json(list(results), np.stack([r["fused"] for r in results.values()]) if results
-                                 else np.zeros((0, len(classes))), classes, {})
+        doc = score.results_json(list(results), [r["fused"] for r in results.values()], classes, {})
         doc["report"] = report
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(f".{args.out.name}.tmp")

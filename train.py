@@ -213,14 +213,17 @@ def synthetic_batches(args, channels: int, classes: int, device: torch.device):
 
 def graph_decision(args, device: torch.device, dtype, world: int) -> tuple[bool, str]:
     """Whether to capture the training step as one CUDA graph, and why (said in the log)."""
-    why_not = ("it needs a CUDA device" if device.type != "cuda"
-               else "fp16's dynamic loss scale decides on the host whether to skip a step: use --amp bf16"
-               if dtype == torch.float16
-               else "--compile makes its own graphs of the model; the two are not combined" if args.compile
-               else "it is not combined with DDP (several processes): each steps eagerly" if world > 1 else None)
     if args.cuda_graph == "off":
         return False, "off (--cuda-graph off)"
-    if why_not is None:
+    if device.type != "cuda":
+        why_not = "it needs a CUDA device"
+    elif dtype == torch.float16:
+        why_not = "fp16's dynamic loss scale decides on the host whether to skip a step: use --amp bf16"
+    elif args.compile:
+        why_not = "--compile and a captured step are not combined"
+    elif world > 1:
+        why_not = "it is not combined with DDP (several processes): each steps eagerly"
+    else:
         return True, "on: each step is one CUDA graph replay"
     if args.cuda_graph == "on":
         raise SystemExit(f"error: --cuda-graph on: {why_not}; use --cuda-graph auto or off")

@@ -380,6 +380,7 @@ class CpuLoader:
             pin_memory=self.device.type == "cuda", persistent_workers=train and num_workers > 0,
             multiprocessing_context=context if num_workers > 0 else None, prefetch_factor=2 if num_workers else None)
         self._watching = False  # SIGCHLD reports a dead worker's whereabouts (_watch_workers)
+        self._batches = None  # the DataLoader's iterator of this epoch
 
     @property
     def skipped(self) -> int:
@@ -398,7 +399,7 @@ class CpuLoader:
         self._epoch += 1
         held = -1  # the reused batch the consumer has
         remainders = []  # training: the workers' partial last batches, pooled into full ones
-        batches = iter(self.loader)
+        batches = self._batches = iter(self.loader)  # its workers: see _death_report
         self._watch_workers()
         try:
             while (item := self._next(batches)) is not None:
@@ -463,8 +464,7 @@ class CpuLoader:
 
     def _death_report(self, error: Exception) -> str:
         """The DataLoader's error, with each dead or failing worker's signal or exit code and shard and sample."""
-        workers = getattr(self.loader, "_iterator", None)
-        processes = getattr(workers, "_workers", [])
+        processes = getattr(self._batches, "_workers", [])  # the DataLoader iterator's worker processes
         failing = {int(i) for i in re.findall(r"worker process (\d+)", str(error))}
         lines = []
         for i, process in enumerate(processes):

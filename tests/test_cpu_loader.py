@@ -199,12 +199,13 @@ def test_a_worker_that_dies_says_how_and_where(tmp_path, monkeypatch):
         return real(self, sample, rng, out)
 
     monkeypatch.setattr(cpu.ShardSamples, "_augment", crash_on_v017)
-    loader = loaders.build(tmp_path, "train", "rgb", True, 4, crop=40, backend="cpu", device="cpu", workers=2)
-    with pytest.raises(RuntimeError) as error:
-        for _ in loader:
-            time.sleep(0.05)
-    message = str(error.value)
-    assert "SIGSEGV" in message and "shard-00000-000.tar sample v017/000000" in message, message
+    for train in (True, False):  # persistent workers (training) and workers of one epoch (eval)
+        loader = cpu.CpuLoader(loaders.open_stream(tmp_path, "train", "rgb"), train, 4, crop=40, num_workers=2)
+        with pytest.raises(RuntimeError) as error:
+            for _ in loader:
+                time.sleep(0.05)
+        message = str(error.value)
+        assert "SIGSEGV" in message and "shard-00000-000.tar sample v017/000000" in message, message
 
 
 def test_workers_from_a_forkserver_give_the_same_batches(data, monkeypatch):

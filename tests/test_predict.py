@@ -66,7 +66,7 @@ def test_real_clips_timeline_and_result_json(trained, tmp_path):
             drawn = json.loads(image.text["Description"])
         assert drawn["panels"] == ["RGB", "Flow", "fused"]
         assert drawn["classes"] == [classes[c] for c in result["top"][:4]] and len(set(drawn["classes"])) == 4
-        samples = len(result["frame_scores"]["RGB"])
+        samples = len(result["streams"]["RGB"]["frames"])
         assert samples == -(-result["frames"] // 4)  # one sample every 4 frames (the stride the data was packed with)
 
 
@@ -120,3 +120,17 @@ def test_checkpoints_that_do_not_say_how_their_inputs_were_made(data, trained, t
         run_predict(DATA / "g1.avi", "--rgb", trained["rgb"] / "latest.pt", "--flow", tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="--rgb CHECKPOINT, --flow CHECKPOINT"):
         run_predict(DATA / "g1.avi")
+
+
+def test_streams_packed_with_other_parameters_each_use_their_own(trained, tmp_path):
+    """A flow checkpoint trained on data packed at stride 2 beside an RGB one at stride 4: each gets its own samples."""
+    ckpt = torch.load(trained["flow"] / "latest.pt", map_location="cpu", weights_only=True)
+    ckpt["pack_params"] = {**ckpt["pack_params"], "stride": 2}
+    torch.save(ckpt, tmp_path / "flow_stride2.pt")
+    result = run_predict(DATA / "g1.avi", "--rgb", trained["rgb"] / "latest.pt", "--flow", tmp_path / "flow_stride2.pt",
+                         "--timeline", tmp_path)["results"]["g1"]
+    rgb, flow = result["streams"]["RGB"]["frames"], result["streams"]["Flow"]["frames"]
+    assert rgb.tolist() == list(range(0, 16, 4)) and flow.tolist() == list(range(0, 16, 2))
+    frames, values = result["fused_frames"]
+    assert frames.tolist() == flow.tolist() and np.allclose(values.sum(1), 1.0, atol=1e-5)
+    assert (tmp_path / "g1.png").is_file()
