@@ -22,7 +22,7 @@ test: $(VENV)/.installed
 
 # Synthesize -> pack -> train RGB -> train flow -> score both -> fuse -> the results table -> predict two raw videos.
 TRAIN := --arch resnet18 --input-size 80 --batch-size 32 --lr 0.01 --max-iterations 200 --step-values 150 \
-	--val-every 100 --val-batches 10 --ckpt-every 100 --workers $(WORKERS) --log-every 20
+	--val-every 100 --val-batches 10 --ckpt-every 100 --workers $(WORKERS) --log-every 20 --deterministic
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)
 	$(PY) -m pack.synth --out $(DEMO)/raw

@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -256,7 +257,8 @@ def main(args: argparse.Namespace) -> dict:
 
     results, failed, notes, keys = {}, {}, {}, set()
     videos = find_videos(args.videos)
-    for path in tqdm(videos, desc="videos", unit="video", disable=len(videos) < 2):
+    start = time.perf_counter()
+    for path in videos:  # each with its own progress bar (score_video)
         try:
             one = predict_video(path, streams, weights, args, device)
         except VideoError as e:
@@ -276,6 +278,10 @@ def main(args: argparse.Namespace) -> dict:
                                                                          frame_rate(path))}
         results[key] = one
 
+    wall = time.perf_counter() - start
+    frames = sum(r["frames"] for r in results.values())
+    print(f"\npredicted {len(results)} video(s), {frames} frames, in {wall:.1f}s: {len(results) / wall:.2f} videos/s, "
+          f"{frames / wall:.0f} frames/s")
     report = {"streams": {s["name"]: s["path"] for s in streams}, "weights": weights if len(streams) == 2 else None,
               "fuse_on": args.fuse_on if len(streams) == 2 else None, "tta": args.tta, "class_topk": args.class_topk,
               "failed": failed, "notes": notes}

@@ -60,6 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="capture the whole step (forward, backward, SGD) once as a CUDA graph and replay it: fewer "
                         "kernel launches (auto: on a single CUDA GPU in bf16 or fp32 without --compile)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--deterministic", action="store_true",
+                   help="the same numbers run after run (deterministic kernels, no cuDNN autotuning): slower on a GPU")
     g = p.add_argument_group("validation, checkpoints, logging")
     g.add_argument("--val-every", type=int, default=5000, help="validate every N iterations (and at the end)")
     g.add_argument("--val-batches", type=int, default=50, help="validate on this many fixed batches of the val split")
@@ -87,7 +89,10 @@ def setup_distributed(args) -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = not args.deterministic  # fixed input sizes: let cuDNN pick its fastest kernels
+    if args.deterministic:  # seeds fix the data and the initial weights; these, the arithmetic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device

@@ -143,3 +143,13 @@ def test_a_split_that_cannot_fill_one_batch_is_refused(data, tmp_path):
     samples = load_manifest(data)["splits"]["train"]["samples"]
     with pytest.raises(SystemExit, match=f"{samples} training samples: not one full batch of {samples + 1}"):
         run_train("--data", data, "--modality", "rgb", *TINY, "--batch-size", samples + 1, "--save-dir", tmp_path)
+
+
+def test_deterministic_runs_give_the_same_weights(data, tmp_path):
+    """What makes `make demo` print the same table run after run (two workers, shuffled, pooled remainders)."""
+    weights = []
+    for run in ("a", "b"):
+        run_train("--data", data, "--modality", "flow", *TINY, "--workers", "2", "--max-iterations", "6",
+                  "--val-split", "", "--deterministic", "--save-dir", tmp_path / run)
+        weights.append(final_checkpoint(tmp_path / run)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
