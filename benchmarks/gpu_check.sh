@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md in one run (about 7 minutes on an H100/H200):
+# The GPU figures of docs/benchmarks.md in one run (estimated at 7 minutes on an H100/H200; not yet run):
 #   1. the graphed training step computes what the eager one does (benchmarks/graph_check.py);
 #   2. loader images/s: DALI (nvJPEG, crop-window decoding), the CPU loader, the files baseline, the decode ceiling;
 #   3. InceptionV3 training, rgb and flow x5 at batch 64: model alone eager and graphed, DALI and the CPU loader graphed.

@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 
 import cv2
 import numpy as np
@@ -422,6 +423,7 @@ class CpuLoader:
                 yield images, labels.to(self.device, non_blocking=True), None if self.train else keys
         finally:
             self._free(held, tag)
+            self._batches = None  # no epoch under way: a worker's end is not this loader's to report
         if self.skipped > skipped_before:  # the workers' own warnings went to their stderr
             warnings.warn(f"skipped bad data: {self.skipped - skipped_before} bad sample(s) or shard(s) this epoch "
                           f"({self.skipped} in all); the reasons were printed above", stacklevel=2)
@@ -452,18 +454,21 @@ class CpuLoader:
         previous = signal.getsignal(signal.SIGCHLD)
         if not callable(previous):  # no workers (or no DataLoader handler): nothing to add to
             return
+        loader = weakref.ref(self)  # the handler outlives the loader: it must not keep it alive
 
         def handler(signum, frame):
             try:
                 previous(signum, frame)
             except RuntimeError as e:
-                raise RuntimeError(self._death_report(e)) from None
+                raise RuntimeError(loader()._death_report(e) if loader() else str(e)) from None
 
         signal.signal(signal.SIGCHLD, handler)
         self._watching = True
 
     def _death_report(self, error: Exception) -> str:
         """The DataLoader's error, with each dead or failing worker's signal or exit code and shard and sample."""
+        if str(error).startswith("loader worker "):  # reported already (by the SIGCHLD handler)
+            return str(error)
         processes = getattr(self._batches, "_workers", [])  # the DataLoader iterator's worker processes
         failing = {int(i) for i in re.findall(r"worker process (\d+)", str(error))}
         lines = []

@@ -206,6 +206,7 @@ def test_a_worker_that_dies_says_how_and_where(tmp_path, monkeypatch):
                 time.sleep(0.05)
         message = str(error.value)
         assert "SIGSEGV" in message and "shard-00000-000.tar sample v017/000000" in message, message
+        assert message.count("v017/000000") == 1, message
 
 
 def test_workers_from_a_forkserver_give_the_same_batches(data, monkeypatch):

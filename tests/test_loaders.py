@@ -104,6 +104,22 @@ def test_train_crops_flips_and_flow_x_negation(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_the_images_of_a_flow_sample_share_one_window_and_flip(tmp_path, backend):
+    """Flow x5 stacks five images of one place and time: each sample's crop, scale and flip are the same for all."""
+    from tests.test_cpu_loader import textured_jpeg
+
+    image = textured_jpeg("444", 64, 80)
+    samples = [(f"v{i:03d}/000000", {**{f"flow{k}.jpg": image for k in range(5)}, "cls": b"0"}) for i in range(32)]
+    make_split(tmp_path, "train", samples, flow_len=5)
+    images, _, _ = all_batches(loaders.build(tmp_path, "train", "flow", True, 8, crop=40, backend=backend,
+                                             device="cpu", workers=2, scale_jitter=(0.9, 1.2)))
+    assert images.shape == (32, 15, 40, 40)
+    assert (images[:, :3] - images[:, :3].mean(0)).abs().mean() > 0.1, "the windows should differ between samples"
+    for k in range(1, 5):
+        assert torch.equal(images[:, 3 * k:3 * k + 3], images[:, :3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_scale_jitter_varies_the_scale(tmp_path, backend):
     """The ramp's slope across a crop measures the resize: one scale without jitter, many with it."""
     samples = [(f"v{i:03d}/000000", {"rgb.jpg": asymmetric(90), "flow0.jpg": asymmetric(90), "cls": b"0"})

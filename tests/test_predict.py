@@ -48,9 +48,9 @@ def test_predictions_equal_score_and_fuse_on_the_packed_videos(synth, trained, c
 
 def test_real_clips_timeline_and_result_json(trained, tmp_path):
     out = tmp_path / "predictions.json"
-    outcome = run_predict(DATA / "bikes.mp4", DATA / "g1.avi", *checkpoints(trained), "--tta", "flip",
+    outcome = run_predict(DATA, *checkpoints(trained), "--tta", "flip",  # the folder: its three clips
                           "--out", out, "--timeline", tmp_path / "timeline", "--top", "4", "--batch-size", "7")
-    assert set(outcome["results"]) == {"bikes", "g1"}
+    assert set(outcome["results"]) == {"bikes", "carphone_pristine", "g1"}
     doc = json.loads(out.read_text())
     assert doc["version"] == "KINETICS-400" and doc["external_data"] == {"used": False, "details": ""}
     classes = outcome["classes"]
