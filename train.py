@@ -251,7 +251,7 @@ class TrainStep:
                  dtype: torch.dtype | None, graphed: bool, warmup: int = 3):
         self.model, self.optimizer, self.scaler, self.dtype = model, optimizer, scaler, dtype
         self.graphed, self.warmup, self.steps = graphed, warmup, 0
-        self.graph = None
+        self.graph = self.side = None  # the graph, and the side stream it is captured on
 
     def eager(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # No autocast cache: a graph must cast the weights in each replay, not reuse the capture's casts.
@@ -268,12 +268,12 @@ class TrainStep:
         self.steps += 1
         if not self.graphed:
             return self.eager(images, labels)
-        if self.steps <= self.warmup:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+        if self.steps <= self.warmup:  # on the stream the capture will use: its library handles are made now
+            self.side = self.side or torch.cuda.Stream()
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 loss = self.eager(images, labels)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             return loss
         if self.graph is None:
             self.capture(images, labels)
@@ -295,7 +295,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=self.side):
                 self.loss = self.eager(self.images, self.labels)
         finally:
             for group, (lr, fused) in zip(groups, saved):  # the schedule and checkpoints see plain numbers
