@@ -27,15 +27,16 @@ def _read(stream: Stream, shard_id: int, num_shards: int, shuffle_buffer: int):
     return jpegs, fn.pad(cls, fill_value=0, shape=[LABEL_BYTES])
 
 
-def _decode(jpegs, device: str):
-    """Decode all images of a sample and stack them along channels (HWC)."""
-    images = [fn.decoders.image(j, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+def _decode(jpegs, device: str, window: dict | None = None):
+    """Decode all images of a sample (only `window` of each, if given) and stack them along channels (HWC)."""
+    decoder = fn.decoders.image_crop if window else fn.decoders.image
+    images = [decoder(j, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB, **(window or {}))
               for j in jpegs]
     return images[0] if len(images) == 1 else fn.cat(*images, axis=2)
 
 
-def _decode_window(jpegs, device: str, crop: int, short):
-    """Only each sample's random crop window, decoded (nvJPEG's region decoding on the GPU) and stacked (HWC).
+def _crop_window(jpegs, crop: int, short) -> dict:
+    """A random crop window per sample, as fn.decoders.image_crop's arguments (nvJPEG decodes it alone on the GPU).
 
     The window is what a resize to short side `short` then a crop x crop crop would keep: a
     square of crop / short times the image's short side, at a random place, the same for all
@@ -44,11 +45,8 @@ def _decode_window(jpegs, device: str, crop: int, short):
     height_width = fn.cast(fn.peek_image_shape(jpegs[0])[0:2], dtype=types.FLOAT)
     height, width = height_width[0], height_width[1]
     side = crop * dmath.min(height, width) / short
-    window = dict(crop_h=dmath.min(side, height), crop_w=dmath.min(side, width),
-                  crop_pos_x=fn.random.uniform(range=(0.0, 1.0)), crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
-    images = [fn.decoders.image_crop(j, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB, **window)
-              for j in jpegs]
-    return images[0] if len(images) == 1 else fn.cat(*images, axis=2)
+    return dict(crop_h=dmath.min(side, height), crop_w=dmath.min(side, width),
+                crop_pos_x=fn.random.uniform(range=(0.0, 1.0)), crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
 
 
 @pipeline_def
@@ -57,7 +55,7 @@ def train_pipeline(stream: Stream, device: str, crop: int, resize_shorter: float
     """Random crop window (of a short side resized to resize_shorter, optionally jittered), random flip, normalise."""
     jpegs, labels = _read(stream, shard_id, num_shards, shuffle_buffer)
     short = resize_shorter * fn.random.uniform(range=scale_jitter) if scale_jitter else resize_shorter
-    images = fn.resize(_decode_window(jpegs, device, crop, short), size=[crop, crop], antialias=True)
+    images = fn.resize(_decode(jpegs, device, _crop_window(jpegs, crop, short)), size=[crop, crop], antialias=True)
     flip = fn.random.coin_flip()
     # A flip negates flow x, stored as x -> 255 - x: ((255 - x) - m) / s == (x - (255 - m)) / -s,
     # so it is folded into the per-sample mean and std of the flipped channels.
