@@ -23,7 +23,7 @@ for args in "--modality rgb --crop 299" "--modality flow --crop 299 --flow-len 5
     --workers "$WORKERS" --seconds "$SECONDS_PER" --rounds 2 --files-dir "$WORK/files-${args// /}" 2>&1 | grep -v Warning
 done
 
-echo "=== training ($ARCH at $SIZE, bf16, channels-last, batch 64; images/s of the windows at 100, 150, 200)"
+echo "=== training ($ARCH at $SIZE, bf16, channels-last, batch 64; iteration, images/s, data wait of the last three 50-iteration windows)"
 train() {  # name, extra args...
   local name=$1; shift
   python3 train.py --data "$WORK/data" --val-split '' --arch "$ARCH" --input-size "$SIZE" --amp bf16 --channels-last \
