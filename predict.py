@@ -17,6 +17,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,8 @@ from pack.video import VIDEO_EXTENSIONS, VideoError, frame_rate
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("videos", nargs="+", type=Path, help="video files (any container FFmpeg reads) or folders of them")
-    p.add_argument("--rgb", type=Path, help="the RGB stream's train.py checkpoint")
-    p.add_argument("--flow", type=Path, help="the flow stream's train.py checkpoint")
+    p.add_argument("--rgb", type=Path, metavar="CKPT", help="the RGB stream's train.py checkpoint")
+    p.add_argument("--flow", type=Path, metavar="CKPT", help="the flow stream's train.py checkpoint")
     p.add_argument("--data", type=Path, help="the packed DATA a checkpoint was trained on: for checkpoints that do "
                                              "not record how their inputs were made (older than predict.py)")
     p.add_argument("--weights", nargs=2, type=float, metavar=("RGB", "FLOW"), help="fusion weights (default: 1 1)")
@@ -46,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", choices=list(score.TTA), help="test-time views, as score.py")
     p.add_argument("--class-topk", type=int, default=0, help="as score.py: video score per class = mean of its K best frames")
     p.add_argument("--top", type=int, default=5, help="classes shown per video")
-    p.add_argument("--out", type=Path, help="write the predictions as Kinetics result JSON (and the report of failures)")
+    p.add_argument("--out", type=Path, metavar="FILE.json", help="write the predictions as Kinetics result JSON (and the report of failures)")
     p.add_argument("--timeline", type=Path, metavar="DIR", help="write DIR/<video>.png: the top classes' scores over time")
     p.add_argument("--batch-size", type=int, default=32, help="samples scored at once (memory is bounded by it)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
@@ -93,7 +94,7 @@ def score_batch(stream: dict, samples: list, tta: str, device: torch.device) -> 
     return (logits / views).cpu().numpy(), (probs / views).cpu().numpy()
 
 
-def in_batches(samples, size: int, ended: dict):
+def in_batches(samples: Iterator[tuple], size: int, ended: dict) -> Iterator[list]:
     """Lists of `size` samples (the last may be shorter); then ended["frames"] holds the frames decoded."""
     batch = []
     while True:
