@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_stream(name: str, path: Path, data: Path | None, device: torch.device) -> dict:
-    """A checkpoint's model and what its inputs must be: classes, pack parameters, crop, flow length."""
+    """A checkpoint's model and what its inputs must be: its Stream (modality, flow length, classes), crop, pack parameters."""
     model, ckpt = score.load_model(path, device)
     params = ckpt.get("pack_params")
     if params is None:
@@ -70,7 +70,7 @@ def load_stream(name: str, path: Path, data: Path | None, device: torch.device) 
     stream = Stream(tars=[], indexes=[], modality=a["modality"], flow_len=a["flow_len"] or 1, samples=0,
                     classes=ckpt["classes"])
     return {"name": name, "path": str(path), "model": model, "stream": stream, "crop": a["input_size"],
-            "params": PackParams(**params), "classes": ckpt["classes"]}
+            "params": PackParams(**params)}
 
 
 def stream_inputs(stream: dict, samples: list, pos: tuple[float, float]) -> torch.Tensor:
@@ -186,11 +186,11 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def table(result: dict, classes: list[str], top: int) -> str:
-    names = list(result["streams"])
-    lines = [f"| class | {' | '.join(['fused'] * (len(names) > 1) + names)} |", "|---" * (len(names) + 1 + (len(names) > 1)) + "|"]
+    scores = {"fused": result["fused"]} if len(result["videos"]) > 1 else {}
+    scores.update(result["videos"])
+    lines = [f"| class | {' | '.join(scores)} |", "|---" * (len(scores) + 1) + "|"]
     for c in result["top"][:top]:
-        cells = ([f"{result['fused'][c]:.3f}"] if len(names) > 1 else []) + [f"{result['videos'][n][c]:.3f}" for n in names]
-        lines.append(f"| {classes[c]} | {' | '.join(cells)} |")
+        lines.append(f"| {classes[c]} | {' | '.join(f'{v[c]:.3f}' for v in scores.values())} |")
     return "\n".join(lines)
 
 
@@ -248,10 +248,10 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit("error: give --rgb CHECKPOINT, --flow CHECKPOINT, or both")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     streams = [load_stream(name, path, args.data, device) for name, path in (("RGB", args.rgb), ("Flow", args.flow)) if path]
-    classes = streams[0]["classes"]
-    if len(streams) == 2 and streams[1]["classes"] != classes:
+    classes = streams[0]["stream"].classes
+    if len(streams) == 2 and streams[1]["stream"].classes != classes:
         raise SystemExit(f"error: {args.rgb} and {args.flow} were trained on other class lists ({len(classes)} vs "
-                         f"{len(streams[1]['classes'])} classes); fuse streams trained on the same classes")
+                         f"{len(streams[1]['stream'].classes)} classes); fuse streams trained on the same classes")
     weights = dict(zip(["RGB", "Flow"], args.weights or [1.0, 1.0]))
     if args.timeline:
         args.timeline.mkdir(parents=True, exist_ok=True)
