@@ -1,7 +1,7 @@
 # make demo: set up, then run the whole pipeline on the embedded synthetic data.
 # make test: set up, then run the tests.
 # Each creates the virtual environment .venv on first use, and installs again when the
-# setup files or the C extension (loaders/_jpeg_region.c) change.
+# setup files or the C extensions (loaders/*.c) change.
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +11,7 @@ WORKERS ?= 2
 
 .PHONY: demo test clean
 
-$(VENV)/.installed: setup.cfg setup.py pyproject.toml constraints.txt loaders/_jpeg_region.c
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml constraints.txt loaders/_jpeg_region.c loaders/_crash_hint.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'

@@ -7,7 +7,9 @@ TSN fuses its streams. Averaging logits multiplies the streams' probabilities, s
 that is sure a class is wrong can veto it; averaging softmax scores (--fuse-on scores)
 lets a stream that is overconfident where it is blind (RGB on motion direction) outvote
 the stream that knows. A video or frame missing from a stream is fused from the streams
-that have it, and counted in the report.
+that have it, and counted in the report. Scores of part of a split (score.py --allow-partial)
+and non-finite scores (counted as wrong) are said beside the table, in results.md and
+results.json.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import metrics
+from pack.files import atomic_write_bytes, atomic_write_json, check_output_dir
 
 COLUMNS = ["frame_top1", "frame_top3", "video_top1", "video_top5", "mean_error", "video_mAP"]
 
@@ -99,6 +102,17 @@ def coverage(streams: list[dict]) -> dict:
     return {stream_name(s): len(everything - set(s["videos"])) for s in streams}
 
 
+def notes(streams: list[dict], rows: dict) -> list[str]:
+    """What the table's figures must be read with: streams scored on part of their split, non-finite scores."""
+    out = [f"{stream_name(s)}: scored on part of the split ({s['meta']['coverage']['partial_note']})"
+           for s in streams if s["meta"].get("coverage", {}).get("partial")]
+    for name, r in rows.items():
+        if r["frames_non_finite"] or r["videos_non_finite"]:
+            out.append(f"{name}: {r['frames_non_finite']} frames and {r['videos_non_finite']} videos of non-finite "
+                       f"scores, counted as wrong")
+    return out
+
+
 def markdown_table(rows: dict) -> str:
     lines = ["| stream | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, r in rows.items():
@@ -145,6 +159,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
+    check_output_dir(args.out, "--out")
     streams = [load_scores(p, args.fuse_on, args.class_topk) for p in args.scores]
     for s in streams[1:]:
         if s["classes"] != streams[0]["classes"]:
@@ -171,20 +186,22 @@ def main(args: argparse.Namespace) -> dict:
             print(f"note: {name} lacks {n} video(s) that another stream has; fused from what is there")
     rows = evaluate(streams, weights)
     table = markdown_table(rows)
-    print(table)
+    said = notes(streams, rows)
+    print(table + "".join(f"\nnote: {n}" for n in said))
     if args.fuse_on == "logits":
         print("(video scores here are the mean of the frames' logits, as fused; score.py averages softmax scores,\n"
               " so a stream's video mAP here can differ from the one score.py printed)")
 
-    args.out.mkdir(parents=True, exist_ok=True)
     fused_name = list(rows)[-1]
     classes = streams[0]["classes"]
     plot_confusion(rows[fused_name]["_confusion"], classes, f"{fused_name} video confusion", args.out / "confusion.png")
     report = {"weights": weights, "fuse_on": args.fuse_on, "weights_tuned_on": tuned_on,
               "inputs": [s["path"] for s in streams], "videos_missing_per_stream": missing, "classes": classes,
+              "notes": said,
               "rows": {name: {k: v for k, v in r.items() if not k.startswith("_")} for name, r in rows.items()}}
-    (args.out / "results.json").write_text(json.dumps(report, indent=1))
-    (args.out / "results.md").write_text(f"{table}\n\nweights {weights} on {args.fuse_on}\n")
+    atomic_write_json(args.out / "results.json", report)
+    atomic_write_bytes(args.out / "results.md", (f"{table}\n\nweights {weights} on {args.fuse_on}\n"
+                                                 + "".join(f"\nnote: {n}\n" for n in said)).encode())
     print(f"wrote {args.out / 'results.md'}, results.json, confusion.png")
     return report
 

@@ -1,17 +1,26 @@
 """Kinetics metrics on score matrices: top-k accuracy, mean error, mAP, per-class accuracy.
 
 Ties count against the prediction: the true class is within the top k only if fewer than
-k other classes score at least as high (so constant scores get no credit).
+k other classes score at least as high (so constant scores get no credit). A row holding a
+non-finite score (NaN or inf: a diverged model) is always wrong: it ranks last for every
+class, and has no place in the confusion matrix. Comparisons with NaN are all false, which
+would otherwise make such a row "first".
 """
 from __future__ import annotations
 
 import numpy as np
 
 
+def finite_rows(scores: np.ndarray) -> np.ndarray:
+    """True for each row whose scores are all finite."""
+    return np.isfinite(scores).all(axis=1)
+
+
 def true_class_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """For each row, how many other classes score >= the true class (0 = strictly first)."""
+    """For each row, how many other classes score >= the true class (0 = strictly first); C for a non-finite row."""
     true = scores[np.arange(len(labels)), labels]
-    return (scores >= true[:, None]).sum(axis=1) - 1
+    rank = (scores >= true[:, None]).sum(axis=1) - 1
+    return np.where(finite_rows(scores), rank, scores.shape[1])
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -35,7 +44,7 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
         return float("nan")
     order = np.argsort(-scores, kind="stable")
     scores, positive = scores[order], positive[order]
-    last_of_tie = np.r_[np.diff(scores) != 0, True]  # a threshold takes a whole group of ties
+    last_of_tie = np.r_[scores[1:] != scores[:-1], True]  # a threshold takes a whole group of ties (-inf ones too)
     tp = np.cumsum(positive)[last_of_tie]
     seen = (np.arange(1, len(scores) + 1))[last_of_tie]
     precision, recall = tp / seen, tp / n_pos
@@ -43,7 +52,11 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
-    """(mAP over classes with positives, number of classes left out for having none)."""
+    """(mAP over classes with positives, number of classes left out for having none).
+
+    Non-finite rows score -inf for every class: they come last, tied, below every finite row.
+    """
+    scores = np.where(finite_rows(scores)[:, None], scores, -np.inf)
     aps = np.array([average_precision(scores[:, c], labels == c) for c in range(scores.shape[1])])
     defined = ~np.isnan(aps)
     return (float(aps[defined].mean()) if defined.any() else float("nan")), int((~defined).sum())
@@ -56,9 +69,9 @@ def per_class_accuracy(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def confusion_matrix(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """counts[true, predicted] with predicted = argmax."""
-    n = scores.shape[1]
-    return np.bincount(labels * n + scores.argmax(1), minlength=n * n).reshape(n, n)
+    """counts[true, predicted] with predicted = argmax; non-finite rows have no prediction and are left out."""
+    n, finite = scores.shape[1], finite_rows(scores)
+    return np.bincount(labels[finite] * n + scores[finite].argmax(1), minlength=n * n).reshape(n, n)
 
 
 def video_scores(frame_scores: np.ndarray, videos: np.ndarray, class_topk: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -85,4 +98,6 @@ def summary(frame_scores: np.ndarray, frame_labels: np.ndarray, video_scores_: n
     return {"frame_top1": topk_accuracy(frame_scores[f], frame_labels[f], 1),
             "frame_top3": topk_accuracy(frame_scores[f], frame_labels[f], 3),
             "video_top1": top1, "video_top5": top5, "mean_error": mean_error(top1, top5), "video_mAP": mAP,
-            "classes_without_videos": no_positive, "frames": int(f.sum()), "videos": int(v.sum())}
+            "classes_without_videos": no_positive, "frames": int(f.sum()), "videos": int(v.sum()),
+            "frames_non_finite": int((~finite_rows(frame_scores[f])).sum()),
+            "videos_non_finite": int((~finite_rows(video_scores_[v])).sum())}

@@ -8,7 +8,8 @@ quality, flow method, bound and length), scored as score.py scores (--tta, --cla
 and, with both streams, fused as fuse.py fuses (--weights, --fuse-on). Prints the top
 classes of each video, writes the Kinetics result JSON (--out) and, with --timeline, a
 plot per video of the top classes' scores along its time axis. A video that cannot be
-read is reported and the others go on; the exit status is then 1.
+read, or whose scores are not finite (a diverged checkpoint), is reported and the others
+go on; the exit status is then 1.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import metrics
 import score
 from loaders.common import RESIZE_RATIO, Stream, normalise
 from loaders.cpu import eval_view
+from pack.files import atomic_write_json, check_output_dir, check_output_file
 from pack.flow import make_flow_fn
 from pack.manifest import load_manifest
 from pack.packer import PackParams, Timer, video_samples
@@ -51,15 +53,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", type=Path, metavar="DIR", help="write DIR/<video>.png: the top classes' scores over time")
     p.add_argument("--batch-size", type=int, default=32, help="samples scored at once (memory is bounded by it)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="predict a video whose scores are not finite (NaN, inf) instead of reporting it: they count as last")
+    p.add_argument("--allow-mirrored", action="store_true",
+                   help="mirrored test-time views (--tta flip, 10crop) for a stream trained with --no-flip")
     return p
 
 
 # ---------------------------------------------------------------- the streams
 
 
-def load_stream(name: str, path: Path, data: Path | None, device: torch.device) -> dict:
+def load_stream(name: str, path: Path, data: Path | None, device: torch.device, args) -> dict:
     """A checkpoint's model and what its inputs must be: its Stream (modality, flow length, classes), crop, pack parameters."""
-    model, ckpt = score.load_model(path, device)
+    model, ckpt = score.load_model(path, device, modality=name.lower())
+    score.check_mirrored_views(ckpt, args.tta, args.allow_mirrored, path)
     params = ckpt.get("pack_params")
     if params is None:
         if data is None:
@@ -163,6 +170,11 @@ def predict_video(path: Path, streams: list[dict], weights: dict, args, device: 
     if not path.is_file():
         raise VideoError("missing: no such file")
     scored = score_video(path, streams, args, device)
+    for name, s in scored["streams"].items():
+        bad = int((~metrics.finite_rows(s["logits"])).sum())
+        if bad and not args.allow_non_finite:
+            raise VideoError(f"not finite: {bad} of {len(s['logits'])} {name} samples scored NaN or inf (the model "
+                             f"overflows on them); --allow-non-finite predicts it anyway")
     one = {"streams": scored["streams"], "frames": scored["frames"], "note": None,
            "videos": {n: video_values(s["scores"], args.class_topk) for n, s in scored["streams"].items()}}
     if len(streams) == 2:
@@ -247,17 +259,22 @@ def main(args: argparse.Namespace) -> dict:
     if not (args.rgb or args.flow):
         raise SystemExit("error: give --rgb CHECKPOINT, --flow CHECKPOINT, or both")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    streams = [load_stream(name, path, args.data, device) for name, path in (("RGB", args.rgb), ("Flow", args.flow)) if path]
+    if args.out:
+        check_output_file(args.out, "--out")
+    if args.timeline:
+        check_output_dir(args.timeline, "--timeline")
+    videos = find_videos(args.videos)
+    if not videos:
+        raise SystemExit(f"error: no videos in {', '.join(map(str, args.videos))} (looked for "
+                         f"{', '.join(sorted(VIDEO_EXTENSIONS))})")
+    streams = [load_stream(name, path, args.data, device, args) for name, path in (("RGB", args.rgb), ("Flow", args.flow))
+               if path]
     classes = streams[0]["stream"].classes
     if len(streams) == 2 and streams[1]["stream"].classes != classes:
         raise SystemExit(f"error: {args.rgb} and {args.flow} were trained on other class lists ({len(classes)} vs "
                          f"{len(streams[1]['stream'].classes)} classes); fuse streams trained on the same classes")
     weights = dict(zip(["RGB", "Flow"], args.weights or [1.0, 1.0]))
-    if args.timeline:
-        args.timeline.mkdir(parents=True, exist_ok=True)
-
     results, failed, notes, keys = {}, {}, {}, set()
-    videos = find_videos(args.videos)
     start = time.perf_counter()
     for path in videos:  # each with its own progress bar (score_video)
         try:
@@ -289,10 +306,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.out:
         doc = score.results_json(list(results), [r["fused"] for r in results.values()], classes, {})
         doc["report"] = report
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        tmp.replace(args.out)
+        atomic_write_json(args.out, doc)
         print(f"\nwrote {args.out}")
     if failed:
         print(f"\n{len(failed)} of {len(videos)} video(s) NOT predicted:")

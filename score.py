@@ -4,6 +4,9 @@
 
 Writes the frame-level scores (format in docs/FORMAT.md), prints frame and video accuracy
 when the split has labels, and writes video predictions as ActivityNet/Kinetics result JSON.
+It refuses to print figures of part of a split (samples lost to damaged shards: the counts
+and the shards are printed; --allow-partial labels the figures "partial" instead) or of
+scores that are not finite (a diverged checkpoint; --allow-non-finite counts them as wrong).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import loaders
 import metrics
 import nets
 from loaders.common import flip_batch, open_stream
+from pack.files import atomic_write_json, check_output_file
 from pack.manifest import load_manifest
 
 # Test-time views: (crop position, mirrored). Positions are relative (0..1, 0..1).
@@ -42,17 +46,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "cpu"], help="loader backend")
     p.add_argument("--workers", type=int, default=4, help="loader workers")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="score what can be read of a damaged split; the figures and the JSON then say \"partial\"")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="go on when scores are not finite (NaN, inf): they count as wrong, and the output says how many")
+    p.add_argument("--allow-mirrored", action="store_true",
+                   help="mirrored test-time views (--tta flip, 10crop) for a stream trained with --no-flip")
     return p
 
 
-def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+def load_model(path: Path, device: torch.device, modality: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """A train.py checkpoint's network, in eval mode on device; refused if its weights are not finite (or not `modality`)."""
     if not path.is_file():
         raise SystemExit(f"error: checkpoint {path} not found")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     a = ckpt["args"]
-    model = nets.build(a["arch"], len(ckpt["classes"]), a["modality"], a["flow_len"] or 1)
+    if modality and a["modality"] != modality:
+        raise SystemExit(f"error: {path} is a {a['modality']} stream, given as the {modality} one")
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"error: {path} holds non-finite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): "
+                         f"its training diverged; use an earlier checkpoint")
+    model = nets.build(a["arch"], len(ckpt["classes"]), a["modality"], a["flow_len"] or 1,
+                       transform_input=nets.transform_input_of(ckpt))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
+
+
+def check_mirrored_views(ckpt: dict, tta: str, allowed: bool, path) -> None:
+    """A stream trained without mirroring (--no-flip: left and right differ) is not scored on mirrored views unless asked."""
+    if ckpt["args"].get("no_flip") and any(mirrored for _, mirrored in TTA[tta]) and not allowed:
+        raise SystemExit(f"error: {path} was trained with --no-flip (its classes tell left from right): --tta {tta} "
+                         f"would score it on mirrored views; choose --tta none or 3crop, or give --allow-mirrored")
 
 
 def inference_dtype(device: torch.device) -> torch.dtype | None:
@@ -80,13 +105,14 @@ def view_sums(model, images: torch.Tensor, stream, flips: list[bool], dtype) -> 
 
 
 @torch.no_grad()
-def frame_scores(model, ckpt: dict, args, device: torch.device) -> dict:
-    """Softmax and logits per sample key, averaged over the test-time views."""
+def frame_scores(model, ckpt: dict, args, device: torch.device) -> tuple[dict, list]:
+    """Softmax and logits per sample key, averaged over the test-time views; and what the loaders lost (by shard)."""
     a = ckpt["args"]
     stream = open_stream(args.data, args.split, a["modality"], a["flow_len"])
     dtype = inference_dtype(device)
     sums: dict[str, list] = {}
     views = TTA[args.tta]
+    losses = {}
     for pos, flips in crop_positions(args.tta).items():
         loader = loaders.build(args.data, args.split, a["modality"], False, args.batch_size, crop=a["input_size"],
                                backend=args.backend, device=device, flow_len=a["flow_len"], workers=args.workers,
@@ -99,17 +125,62 @@ def frame_scores(model, ckpt: dict, args, device: torch.device) -> dict:
                 entry[1] += len(flips)
                 entry[2] = entry[2] + lg
                 entry[3] = entry[3] + pr
-        if getattr(loader, "skipped", 0):
-            print(f"warning: {loader.skipped} bad samples were skipped")
+        losses.update({loss.shard: loss for loss in loader.losses})
     uneven = [k for k, e in sums.items() if e[1] != len(views)]
     if uneven:
         print(f"warning: {len(uneven)} samples were not seen in every view (e.g. {uneven[0]})")
     keys = sorted(sums)
-    return {"keys": np.array(keys), "videos": np.array([k.rsplit("/", 1)[0] for k in keys]),
+    video_of = video_ids_by_key(load_manifest(args.data)["splits"][args.split])
+    frames = {"keys": np.array(keys), "videos": np.array([video_of.get(k.rsplit("/", 1)[0], k.rsplit("/", 1)[0]) for k in keys]),
             "frames": np.array([int(k.rsplit("/", 1)[1]) for k in keys]),
             "labels": np.array([sums[k][0] for k in keys], dtype=np.int64),
             "logits": np.stack([sums[k][2] / sums[k][1] for k in keys]).astype(np.float32),
             "scores": np.stack([sums[k][3] / sums[k][1] for k in keys]).astype(np.float32)}
+    return frames, list(losses.values())
+
+
+def video_ids_by_key(split: dict) -> dict[str, str]:
+    """Sample-key prefix -> video id (they differ where an id holds what tar and index names cannot)."""
+    return {info.get("key", vid): vid for vid, info in split["video_info"].items()}
+
+
+def coverage(frames: dict, split: dict) -> dict:
+    """What was scored against what the manifest lists: samples and videos, and whether that is all."""
+    c = {"samples": len(frames["keys"]), "of_samples": split["samples"],
+         "videos": len(set(frames["videos"].tolist())), "of_videos": len(split["video_info"])}
+    c["partial"] = c["samples"] < c["of_samples"] or c["videos"] < c["of_videos"]
+    c["partial_note"] = coverage_note(c)
+    return c
+
+
+def coverage_note(c: dict) -> str:
+    return f"partial: {c['samples']} of {c['of_samples']} samples, {c['videos']} of {c['of_videos']} videos"
+
+
+def lost_shards(losses: list) -> str:
+    """The loaders' losses, a shard a line (the first ten)."""
+    more = f"\n  ... and {len(losses) - 10} more shard(s)" if len(losses) > 10 else ""
+    return "".join(f"\n  {loss}" for loss in losses[:10]) + more
+
+
+def check_complete(c: dict, losses: list, args) -> None:
+    """A split scored in part is an error (its figures would pass for the whole split's) unless --allow-partial."""
+    if not c["partial"]:
+        return
+    message = f"{args.data}/{args.split} was scored in part ({coverage_note(c)}){lost_shards(losses)}"
+    if not args.allow_partial:
+        raise SystemExit(f"error: {message}\nfind every problem with python -m pack.verify {args.data} --split "
+                         f"{args.split}; re-pack or re-copy those shards, or give --allow-partial to score what is there")
+    print(f"warning: {message}")
+
+
+def check_finite(frames: dict, args) -> int:
+    """Rows of non-finite scores: an error unless --allow-non-finite (then they count as wrong)."""
+    bad = int((~metrics.finite_rows(frames["logits"]) | ~metrics.finite_rows(frames["scores"])).sum())
+    if bad and not args.allow_non_finite:
+        raise SystemExit(f"error: {bad} of {len(frames['keys'])} frame scores are not finite (NaN or inf): the model "
+                         f"overflows on these inputs; nothing was written. Give --allow-non-finite to count them as wrong")
+    return bad
 
 
 def video_labels(frames: dict, video_ids: np.ndarray) -> np.ndarray:
@@ -119,46 +190,61 @@ def video_labels(frames: dict, video_ids: np.ndarray) -> np.ndarray:
     return np.array([first[v] for v in video_ids], dtype=np.int64)
 
 
-def results_json(video_ids, scores: np.ndarray, classes: list[str], youtube_ids: dict) -> dict:
-    """ActivityNet/Kinetics result format: the top 5 labels and scores per video."""
+def results_json(video_ids, scores: np.ndarray, classes: list[str], youtube_ids: dict, partial: str | None = None) -> dict:
+    """ActivityNet/Kinetics result format: the top 5 labels and scores per video (a non-finite score: null, ranked last)."""
     results = {}
     for vid, row in zip(video_ids, scores):
-        top = np.argsort(-row, kind="stable")[:5]
+        top = np.argsort(-np.where(np.isfinite(row), row, -np.inf), kind="stable")[:5]
         results[youtube_ids.get(vid, vid)] = [{"label": classes[c], "score": float(row[c])} for c in top]
-    return {"version": "KINETICS-400", "external_data": {"used": False, "details": ""}, "results": results}
+    doc = {"version": "KINETICS-400", "external_data": {"used": False, "details": ""}, "results": results}
+    return {**doc, "partial": partial} if partial else doc
 
 
 def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    json_path = args.results_json or args.out.with_suffix(".json")
+    check_output_file(args.out, "--out")
+    check_output_file(json_path, "--results-json")
     model, ckpt = load_model(args.checkpoint, device)
+    check_mirrored_views(ckpt, args.tta, args.allow_mirrored, args.checkpoint)
     classes = ckpt["classes"]
     manifest = load_manifest(args.data)
     if manifest["classes"] and manifest["classes"] != classes:
         raise SystemExit(f"error: {args.data} has another class list than the checkpoint ({len(manifest['classes'])} "
                          f"vs {len(classes)}); pack the split with --classes from the training data")
-    frames = frame_scores(model, ckpt, args, device)
+    split = manifest["splits"].get(args.split)
+    if split is None:
+        raise SystemExit(f"error: {args.data} has no split {args.split!r}; it has {sorted(manifest['splits'])}")
+    frames, losses = frame_scores(model, ckpt, args, device)
+    scored = coverage(frames, split)
+    check_complete(scored, losses, args)
+    non_finite = check_finite(frames, args)
     video_ids, vscores = metrics.video_scores(frames["scores"], frames["videos"], args.class_topk)
     vlabels = video_labels(frames, video_ids)
+    partial = scored["partial_note"] if scored["partial"] else None
     meta = {"modality": ckpt["args"]["modality"], "arch": ckpt["args"]["arch"], "checkpoint": str(args.checkpoint),
             "iteration": ckpt["iteration"], "data": str(args.data), "split": args.split, "tta": args.tta,
-            "class_topk": args.class_topk}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+            "class_topk": args.class_topk, "coverage": scored, "non_finite_rows": non_finite}
     tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
     np.savez_compressed(tmp, **frames, classes=np.array(classes), meta=np.array(json.dumps(meta)))
     tmp.replace(args.out)
 
-    youtube_ids = {v: info.get("youtube_id", v) for v, info in manifest["splits"][args.split]["video_info"].items()}
-    json_path = args.results_json or args.out.with_suffix(".json")
-    json_path.write_text(json.dumps(results_json(video_ids, vscores, classes, youtube_ids), indent=1))
+    youtube_ids = {v: info.get("youtube_id") or v for v, info in split["video_info"].items()}
+    atomic_write_json(json_path, results_json(video_ids, vscores, classes, youtube_ids, partial))
     print(f"{len(frames['keys'])} frames of {len(video_ids)} videos scored -> {args.out}, {json_path}")
     figures = {}
     if (frames["labels"] >= 0).any():
         figures = metrics.summary(frames["scores"], frames["labels"], vscores, vlabels)
+        notes = [partial] if partial else []
+        if figures["frames_non_finite"] or figures["videos_non_finite"]:
+            notes.append(f"{figures['frames_non_finite']} frames and {figures['videos_non_finite']} videos of "
+                         f"non-finite scores counted as wrong")
         print(f"frame top-1 {figures['frame_top1']:.4f}  top-3 {figures['frame_top3']:.4f}  |  "
               f"video top-1 {figures['video_top1']:.4f}  top-5 {figures['video_top5']:.4f}  "
-              f"mean error {figures['mean_error']:.4f}  mAP {figures['video_mAP']:.4f}")
+              f"mean error {figures['mean_error']:.4f}  mAP {figures['video_mAP']:.4f}"
+              + (f"  ({'; '.join(notes)})" if notes else ""))
     else:
-        print("the split has no labels: predictions only")
+        print("the split has no labels: predictions only" + (f" ({partial})" if partial else ""))
     return figures
 
 

@@ -6,4 +6,6 @@ setup(ext_modules=[
     # Ubuntu: libjpeg-turbo8-dev or libjpeg62-turbo-dev); without them it is skipped and the
     # CPU loader decodes whole images (slower, same crops).
     Extension("loaders._jpeg_region", ["loaders/_jpeg_region.c"], libraries=["jpeg"], optional=True),
+    # Prints what to run when DALI crashes the process (a signal handler; no library needed).
+    Extension("loaders._crash_hint", ["loaders/_crash_hint.c"], optional=True),
 ])

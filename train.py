@@ -1,10 +1,14 @@
 """Train one stream (RGB or flow) of the two-stream network from the packed shards.
 
     python train.py --data DATA --modality rgb --save-dir runs/rgb
+    python train.py --data ucf101-1 --modality rgb --init runs/rgb/best.pt --save-dir runs/ucf101-rgb
     torchrun --nproc-per-node 8 train.py --data DATA --modality flow --save-dir runs/flow
 
-Kill it at any moment and run the same command with --resume: it continues from the
-latest good checkpoint with the same learning-rate schedule and ends at the same iteration.
+Kill it at any moment and run the same command with --resume: it continues from the latest
+good checkpoint (weights, optimiser, learning-rate schedule, loss scale, random state) and
+ends at the same iteration. SIGTERM (a scheduler's preemption) stops it after the step under
+way, with a checkpoint. A loss that is not finite stops it with an error: no checkpoint of
+non-finite weights is ever written.
 """
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,7 +32,13 @@ from tqdm import tqdm
 import loaders
 import nets
 from loaders.common import check_fills_a_batch, open_stream
+from pack.files import Lock, check_output_dir, json_text
 from pack.manifest import load_manifest
+
+# The model's shape: a resumed run keeps its checkpoint's (a flag given anyway must agree).
+MODEL_FLAGS = {"arch": "inception_v3", "modality": None, "input_size": 299, "flow_len": None, "no_flip": False}
+# fp16: a loss scale below this means even the unscaled gradients overflow: the run has diverged.
+MIN_LOSS_SCALE = 1.0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,11 +52,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=["auto", "dali", "cpu"], help="loader: DALI on a GPU, CPU workers otherwise")
     g.add_argument("--workers", type=int, default=4, help="loader worker processes (cpu) or threads (dali)")
     g.add_argument("--scale-jitter", type=float, nargs=2, metavar=("LO", "HI"), help="random short-side scale range, e.g. 0.875 1.15")
+    g.add_argument("--no-flip", action="store_true", default=None,
+                   help="no horizontal mirroring in training, for classes where left and right differ (recorded "
+                        "in the checkpoint: score.py and predict.py then refuse mirrored test-time views)")
     g.add_argument("--synthetic-data", action="store_true", help="random tensors on the device instead of data: the model-only ceiling")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="inception_v3", choices=nets.ARCHS, help="backbone")
-    g.add_argument("--input-size", type=int, default=299, help="crop size fed to the network")
+    g.add_argument("--arch", choices=nets.ARCHS, help="backbone (default: inception_v3, or --init's)")
+    g.add_argument("--input-size", type=int, help="crop size fed to the network (default: 299)")
     g.add_argument("--pretrained", help="ImageNet weights: a torchvision .pth file, or 'imagenet' to download")
+    g.add_argument("--init", type=Path, metavar="CKPT",
+                   help="start from the weights of a train.py checkpoint (same arch and modality; e.g. the Kinetics "
+                        "stream, to fine-tune on UCF101): the classifier is kept if the classes are the same, else "
+                        "made anew; iterations, optimiser and schedule start afresh")
     g.add_argument("--freeze-bn", action="store_true", help="batch-norm layers in eval mode (statistics frozen), as the original")
     g = p.add_argument_group("optimisation (SGD as the original: biases at 2x lr, no decay)")
     g.add_argument("--batch-size", type=int, default=64, help="samples per iteration on each GPU")
@@ -69,7 +89,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints (plus best and latest)")
     g.add_argument("--save-dir", type=Path, default=Path("runs/train"), help="checkpoints, log, TensorBoard, curves")
     g.add_argument("--resume", action="store_true", help="continue from save-dir's latest good checkpoint")
-    g.add_argument("--log-every", type=int, default=20, help="log a line every N iterations")
+    g.add_argument("--log-every", type=int, default=20,
+                   help="log a line every N iterations (the loss is also checked for NaN there)")
     g.add_argument("--visdom", action="store_true", help="also plot to a running Visdom server (pip install visdom)")
     g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     return p
@@ -127,26 +148,154 @@ def plain_args(args) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def check_before_work(args, world: int) -> list[str]:
-    """Fail fast, before any model or loader is built, on what the user must fix."""
+    """Fail fast, before any model or loader is built, on what the user must fix; the class list."""
+    if args.resume and args.init:
+        raise SystemExit("error: --resume continues a run, --init starts a new one from a checkpoint; give one of them")
+    if args.init and args.pretrained:
+        raise SystemExit("error: --init already gives the starting weights; drop --pretrained")
     try:
         stream = open_stream(args.data, args.train_split, args.modality, args.flow_len)
-        if args.val_split:
-            open_stream(args.data, args.val_split, args.modality, args.flow_len)
+        streams = [stream] + ([open_stream(args.data, args.val_split, args.modality, args.flow_len)] if args.val_split else [])
         if not args.synthetic_data:
             check_fills_a_batch(stream, args.batch_size, world)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {args.data}/{args.train_split}: {e}") from None
-    if not stream.classes:
-        raise SystemExit(f"error: {args.data} has no class list (was the training split packed from a labelled CSV?)")
-    if args.pretrained and args.pretrained != "imagenet" and not Path(args.pretrained).is_file():
-        raise SystemExit(f"error: --pretrained {args.pretrained}: no such file")
+    for s in streams:
+        if not s.labelled:
+            raise SystemExit(f"error: {args.data}/{s.split} has no labels (every sample's class is -1: packed from "
+                             f"an annotation file without labels, such as Kinetics' test CSV); train and validate on "
+                             f"labelled splits (--train-split, --val-split '' to skip validation)")
+    for option, path in (("--pretrained", args.pretrained if args.pretrained != "imagenet" else None),
+                         ("--init", args.init)):
+        if path and not Path(path).is_file():
+            raise SystemExit(f"error: {option} {path}: no such file")
     if args.visdom and importlib.util.find_spec("visdom") is None:
         raise SystemExit("error: --visdom needs the visdom package (pip install visdom) and a running "
                          "server (python -m visdom.server)")
     if args.resume and not checkpoints(args.save_dir):
         raise SystemExit(f"error: --resume: no checkpoint in {args.save_dir} to resume from")
+    check_output_dir(args.save_dir, "--save-dir")
     return stream.classes
+
+
+def settle_model_flags(args, resumed: dict | None, init: dict | None) -> None:
+    """The model's flags: a resumed run's own (a flag given must agree), else as given, --init's arch, or the defaults."""
+    for name, default in MODEL_FLAGS.items():
+        given = getattr(args, name)
+        if resumed is not None:
+            kept = resumed["args"].get(name, default)
+            if given is not None and given != kept:
+                raise SystemExit(f"error: --resume: {flag(name)} {given}, but the run in {args.save_dir} was trained "
+                                 f"with {kept}; drop {flag(name)}, or start a new run in another --save-dir")
+            setattr(args, name, kept)
+        elif given is None:
+            setattr(args, name, init["args"]["arch"] if name == "arch" and init else default)
+
+
+def load_init(args, classes: list[str], flow_len: int) -> dict:
+    """--init's checkpoint, checked against this run: the same architecture, modality and flow length."""
+    init = torch.load(args.init, map_location="cpu", weights_only=True)
+    a = init["args"]
+    for name, mine in (("arch", args.arch), ("modality", args.modality)):
+        if a[name] != mine:
+            raise SystemExit(f"error: --init {args.init} is a {a[name]} network, this run's {flag(name)} is {mine}")
+    if args.modality == "flow" and a["flow_len"] != flow_len:
+        raise SystemExit(f"error: --init {args.init} stacks {a['flow_len']} flow images, this run {flow_len} "
+                         f"(--flow-len, or the data's)")
+    return init
+
+
+def build_model(args, classes: list[str], flow_len: int, resumed: dict | None, init: dict | None,
+                log) -> tuple[nn.Module, dict | None]:
+    """The network: a resumed run's, --init's weights with this run's classifier, or from --pretrained (or scratch).
+
+    Returns it and what it started from (recorded in every checkpoint: --init's checkpoint and its classifier).
+    """
+    source = resumed or init
+    model = nets.build(args.arch, len(classes), args.modality, flow_len, None if source else args.pretrained,
+                       transform_input=nets.transform_input_of(source) if source else None)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        return model, resumed.get("init")
+    if init is None:
+        return model, None
+    weights = dict(init["model"])
+    kept = init["classes"] == classes
+    if not kept:
+        for key in nets.classifier_keys(args.arch):
+            del weights[key]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) != (set() if kept else set(nets.classifier_keys(args.arch))):
+        raise SystemExit(f"error: --init {args.init}: its weights do not fit this network (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    log(f"initialised from {args.init} (iteration {init['iteration']}, {len(init['classes'])} classes): "
+        + (f"all weights, the classifier kept (the same {len(classes)} classes)" if kept else
+           f"the backbone; the classifier made anew for the {len(classes)} classes here"))
+    return model, {"checkpoint": str(args.init), "iteration": init["iteration"], "classes": len(init["classes"]),
+                   "classifier": "kept" if kept else "new", "from": init.get("init")}
+
+
+class Run:
+    """What a checkpoint holds and a resume restores: the model, optimiser, schedule, loss scale, records."""
+
+    def __init__(self, args, classes: list[str], flow_len: int, rank: int, device: torch.device, dtype, log):
+        resumed = load_checkpoint(args.save_dir, log) if args.resume else None
+        if resumed is not None and resumed["classes"] != classes:
+            raise SystemExit(f"error: the checkpoint has {len(resumed['classes'])} classes, {args.data} has "
+                             f"{len(classes)}: resume with the data it was trained on")
+        init = load_init(args, classes, flow_len) if args.init else None
+        settle_model_flags(args, resumed, init)
+        if args.modality == "flow":
+            args.flow_len = flow_len
+        self.args, self.classes, self.start = args, classes, resumed["iteration"] if resumed else 0
+        torch.manual_seed(args.seed + self.start + rank)  # DDP: rank 0's initial weights are broadcast
+        random.seed(args.seed + self.start + rank)
+        model, self.init = build_model(args, classes, flow_len, resumed, init, log)
+        self.model = model.to(device)
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(param_groups(self.model, args), lr=args.lr, momentum=args.momentum)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, args.step_values, args.gamma)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.pack_params = load_manifest(args.data)["splits"][args.train_split]["params"]  # how the inputs were made
+        self.history, self.best = {"train": [], "val": []}, -1.0
+        if resumed is not None:
+            self.optimizer.load_state_dict(resumed["optimizer"])
+            self.scheduler.load_state_dict(resumed["scheduler"])
+            self.scaler.load_state_dict(resumed["scaler"])
+            self.history, self.best = resumed["history"], resumed["best"]
+            torch.set_rng_state(resumed["rng"]["torch"])
+            python = resumed["rng"]["python"]
+            random.setstate((python[0], tuple(python[1]), python[2]))
+            log(f"resumed from iteration {self.start} (lr {self.scheduler.get_last_lr()[0]:g})")
+
+    def state(self, iteration: int) -> dict:
+        return {"iteration": iteration, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "classes": self.classes,
+                "args": plain_args(self.args), "pack_params": self.pack_params, "init": self.init,
+                "transform_input": bool(getattr(self.model, "transform_input", False)),
+                "history": self.history, "best": self.best,
+                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}}
+
+
+def build_loaders(args, run: Run, stream, rank: int, world: int, device: torch.device, dtype):
+    """(training batches without end, the training loader or None, the validation loader or None)."""
+    if args.synthetic_data:
+        return synthetic_batches(args, stream.channels, len(run.classes), device), None, None
+    common = dict(crop=args.input_size, backend=args.backend, device=device, flow_len=stream.flow_len, rank=rank,
+                  world_size=world, workers=args.workers, fp16=dtype == torch.float16, channels_last=args.channels_last)
+    # Seeded by the start iteration: a resumed run draws fresh, reproducible batches.
+    train_loader = loaders.build(args.data, args.train_split, args.modality, True, args.batch_size,
+                                 scale_jitter=tuple(args.scale_jitter) if args.scale_jitter else None,
+                                 flip=not args.no_flip, seed=args.seed + run.start, **common)
+    val_loader = (loaders.build(args.data, args.val_split, args.modality, False, args.batch_size, **common)
+                  if args.val_split else None)
+    return forever(train_loader), train_loader, val_loader
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -157,6 +306,15 @@ def checkpoints(save_dir: Path) -> list[Path]:
     numbered = sorted(save_dir.glob("ckpt-*.pt"), reverse=True)
     latest = save_dir / "latest.pt"
     return ([latest] if latest.exists() else []) + numbered
+
+
+def remove_stale_temporaries(save_dir: Path, log) -> None:
+    """Half-written checkpoints of a run that was killed while saving (the save-dir's lock says none is running)."""
+    stale = list(save_dir.glob(".*.pt.tmp*"))
+    for tmp in stale:
+        tmp.unlink()
+    if stale:
+        log(f"removed {len(stale)} half-written checkpoint(s) of an earlier run that was killed while saving")
 
 
 def atomic_save(obj: dict, path: Path) -> None:
@@ -189,6 +347,14 @@ def load_checkpoint(save_dir: Path, log) -> dict:
         except Exception as e:  # truncated or corrupt file: say so, fall back
             log(f"checkpoint {path} does not load ({type(e).__name__}: {e}); trying the previous one")
     raise SystemExit(f"error: no checkpoint in {save_dir} loads")
+
+
+def non_finite_weights(model: nn.Module) -> list[str]:
+    """Names of the model's tensors holding NaN or inf (one host sync when there are none)."""
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    if torch.stack([torch.isfinite(v).all() for v in state.values()]).all():
+        return []
+    return [k for k, v in state.items() if not torch.isfinite(v).all()]
 
 
 # ---------------------------------------------------------------- training and evaluation
@@ -310,24 +476,150 @@ def set_bn_eval(model: nn.Module) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, batches: int, dtype, device: torch.device, world: int) -> dict:
-    """Frame top-1, top-3 and loss over the first `batches` batches (a fixed subset)."""
+    """Frame top-1, top-3 and loss over the first `batches` batches (a fixed subset); a non-finite row counts as wrong."""
     model.eval()
-    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1, top3, count
+    totals = torch.zeros(5, device=device, dtype=torch.float64)  # loss sum, top1, top3, count, non-finite rows
     for i, (images, labels, _) in enumerate(loader):
         if i >= batches:
             break
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(images)
         logits = logits.float()
+        finite = torch.isfinite(logits).all(1)
         top = logits.topk(min(3, logits.shape[1]), dim=1).indices
-        totals[:3] += torch.stack([nn.functional.cross_entropy(logits, labels, reduction="sum"),  # no host sync
-                                   (top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum()]).to(totals)
+        loss = nn.functional.cross_entropy(logits, labels, reduction="none")
+        totals[[0, 1, 2, 4]] += torch.stack([loss.where(finite, 0).sum(), ((top[:, 0] == labels) & finite).sum(),
+                                             ((top == labels[:, None]).any(1) & finite).sum(),
+                                             (~finite).sum()]).to(totals)  # no host sync
         totals[3] += labels.numel()
     if world > 1:
         dist.all_reduce(totals)
-    loss, top1, top3, n = totals.tolist()
+    loss, top1, top3, n, non_finite = totals.tolist()
     model.train()
-    return {"loss": loss / max(n, 1), "top1": top1 / max(n, 1), "top3": top3 / max(n, 1), "samples": int(n)}
+    return {"loss": loss / max(n - non_finite, 1), "top1": top1 / max(n, 1), "top3": top3 / max(n, 1),
+            "samples": int(n), "non_finite": int(non_finite)}
+
+
+class Window:
+    """The steps since the last log line: their losses stay on the device (read once a line, no host sync a step)."""
+
+    def __init__(self, size: int, device: torch.device, first: int):
+        self.losses = torch.zeros(size, device=device)
+        self.reset(first)
+
+    def reset(self, first: int) -> None:
+        self.first, self.steps, self.wait, self.images, self.started = first, 0, 0.0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int, wait: float) -> None:
+        self.losses[self.steps] = loss  # a copy on the device: the graph's loss is overwritten by the next step
+        self.steps += 1
+        self.images += images
+        self.wait += wait
+
+    def first_non_finite(self, world: int) -> int | None:
+        """The iteration of the window's first non-finite loss, on any process (a host sync; DDP: all agree)."""
+        bad = (~torch.isfinite(self.losses[:self.steps])).nonzero()
+        first = torch.tensor([self.first + int(bad[0]) + 1 if len(bad) else 2**62], device=self.losses.device)
+        if world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        return None if first.item() == 2**62 else first.item()
+
+    def mean_loss(self) -> float:
+        finite = self.losses[:self.steps][torch.isfinite(self.losses[:self.steps])]  # fp16's skipped steps left out
+        return finite.mean().item() if len(finite) else float("nan")
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's preemption, `kill`) asks the run to stop after the step under way, with a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = signal.signal(signal.SIGTERM, self._handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def now(self, world: int, at_line: bool) -> bool:
+        """Whether to stop here: at once alone; with DDP at log lines, when any process was asked (all agree)."""
+        if world == 1:
+            return self.requested
+        if not at_line:
+            return False
+        asked = torch.tensor([float(self.requested)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+        return bool(asked.item())
+
+
+class Logger:
+    """Where the run is told, on rank 0: train.log, the progress bar, TensorBoard and, if asked, Visdom."""
+
+    def __init__(self, args, main_rank: bool):
+        self.on, self.args = main_rank, args
+        self.file = open(args.save_dir / "train.log", "a") if main_rank else None
+        self.writer = self.visdom = self.bar = None
+
+    def line(self, text: str, echo: bool = True) -> None:
+        if self.on:
+            if echo:
+                tqdm.write(text)
+            self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+            self.file.flush()
+
+    def start(self, first: int) -> None:
+        """The progress bar and the plotting sinks, once the run is set up."""
+        if not self.on:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(self.args.save_dir / "tensorboard", purge_step=first)
+        if self.args.visdom:
+            import visdom
+
+            self.visdom = visdom.Visdom(env=f"train-{self.args.modality}")
+        self.bar = tqdm(initial=first, total=self.args.max_iterations, unit="it", dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def train(self, iteration: int, figures: dict) -> None:
+        if not self.on:
+            return
+        f = figures
+        self.bar.set_postfix(loss=f"{f['loss']:.3f}", lr=f"{f['lr']:.2g}", img_s=f"{f['images_per_s']:.0f}",
+                             data_wait=f"{100 * f['data_wait']:.0f}%")
+        skipped = f" fp16-skipped-steps {f['skipped_steps']}" if "skipped_steps" in f else ""
+        self.file.write(f"it {iteration} loss {f['loss']:.4f} lr {f['lr']:.3g} images/s {f['images_per_s']:.1f} "
+                        f"data-wait {100 * f['data_wait']:.1f}%{skipped}\n")
+        for name, value in f.items():
+            self.writer.add_scalar(f"train/{name}", value, iteration)
+        if self.visdom:
+            self.visdom.line([f["loss"]], [iteration], win="loss", update="append", opts={"title": "train loss"})
+
+    def val(self, iteration: int, metrics: dict, is_best: bool) -> None:
+        bad = f", {metrics['non_finite']} not finite, counted wrong" if metrics["non_finite"] else ""
+        self.line(f"validation at {iteration}: frame top-1 {metrics['top1']:.3f} top-3 {metrics['top3']:.3f} "
+                  f"loss {metrics['loss']:.3f} ({metrics['samples']} samples{bad}){' best' if is_best else ''}")
+        if self.on:
+            for k in ("loss", "top1", "top3"):
+                self.writer.add_scalar(f"val/{k}", metrics[k], iteration)
+
+    def close(self) -> None:
+        if self.on:
+            for sink in (self.bar, self.writer):
+                if sink is not None:
+                    sink.close()
+            self.file.close()
 
 
 def plot_curves(history: dict, path: Path) -> None:
@@ -357,168 +649,127 @@ def plot_curves(history: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(args: argparse.Namespace) -> dict:
-    rank, world, device = setup_distributed(args)
-    main_rank = rank == 0
-    args.save_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.save_dir / "train.log", "a") if main_rank else None
+def diverged(args, iteration: int, why: str, at: int) -> SystemExit:
+    """The error that stops a run whose numbers are no longer finite, naming the last good checkpoint."""
+    saved = sorted(args.save_dir.glob("ckpt-*.pt"))
+    last = (f"the last good checkpoint is {saved[-1]}; to go on from its weights with another learning rate, start "
+            f"a new run with --init {saved[-1]} (--resume would keep the learning rate)" if saved
+            else "no checkpoint was written before it")
+    return SystemExit(f"error: {why} at iteration {iteration}; stopped at iteration {at}, nothing saved since: "
+                      f"{last}. Lower the learning rate (--lr {args.lr:g} now), or check the data")
 
-    def log(line: str) -> None:
-        if main_rank:
-            tqdm.write(line)
-            log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
-            log_file.flush()
 
-    classes = check_before_work(args, world)
-    resumed = load_checkpoint(args.save_dir, log) if args.resume else None
-    if resumed is not None:
-        if resumed["classes"] != classes:
-            raise SystemExit(f"error: the checkpoint has {len(resumed['classes'])} classes, {args.data} has "
-                             f"{len(classes)}: resume with the data it was trained on")
-        for flag in ("arch", "modality", "input_size", "flow_len"):  # these must not change mid-run
-            setattr(args, flag, resumed["args"][flag])
-    start = resumed["iteration"] if resumed else 0
-
-    torch.manual_seed(args.seed + start + rank)
-    random.seed(args.seed + start + rank)
-    stream = open_stream(args.data, args.train_split, args.modality, args.flow_len)
-    args.flow_len = stream.flow_len if args.modality == "flow" else None
-    model = nets.build(args.arch, len(classes), args.modality, stream.flow_len,
-                       None if resumed else args.pretrained).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, args), lr=args.lr, momentum=args.momentum)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.step_values, args.gamma)
-    dtype = amp_dtype(args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    graphed, graph_note = graph_decision(args, device, dtype, world)
-    history = {"train": [], "val": []}
-    best = -1.0
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        history, best = resumed["history"], resumed["best"]
-        torch.set_rng_state(resumed["rng"]["torch"])
-        random.setstate((resumed["rng"]["python"][0], tuple(resumed["rng"]["python"][1]), resumed["rng"]["python"][2]))
-        log(f"resumed from iteration {start} (lr {scheduler.get_last_lr()[0]:g})")
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-
-    fp16_io = dtype == torch.float16
-    loader_args = dict(crop=args.input_size, backend=args.backend, device=device, flow_len=stream.flow_len,
-                       rank=rank, world_size=world, workers=args.workers, fp16=fp16_io, channels_last=args.channels_last)
-    if args.synthetic_data:
-        batches = synthetic_batches(args, stream.channels, len(classes), device)
-        train_loader = None
-    else:
-        # Seeded by the start iteration: a resumed run draws fresh, reproducible batches.
-        train_loader = loaders.build(args.data, args.train_split, args.modality, True, args.batch_size,
-                                     scale_jitter=tuple(args.scale_jitter) if args.scale_jitter else None,
-                                     seed=args.seed + start, **loader_args)
-        batches = forever(train_loader)
-    val_loader = (loaders.build(args.data, args.val_split, args.modality, False, args.batch_size, **loader_args)
-                  if args.val_split and not args.synthetic_data else None)
-
-    writer = visdom = None
-    if main_rank:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(args.save_dir / "tensorboard", purge_step=start)
-        if args.visdom:
-            import visdom as visdom_module
-
-            visdom = visdom_module.Visdom(env=f"train-{args.modality}")
-        log(f"training {args.arch} on {args.modality} ({stream.channels} channels, {len(classes)} classes), "
-            f"{world} process(es) on {device}, amp {dtype}, batch {args.batch_size}, iterations {start}..{args.max_iterations}")
-        log(f"CUDA graph {graph_note}")
-        log(f"arguments: {json.dumps(plain_args(args))}")
-
-    pack_params = load_manifest(args.data)["splits"][args.train_split]["params"]  # how the inputs were made
-
-    def state(iteration: int) -> dict:
-        return {"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "classes": classes,
-                "args": plain_args(args), "pack_params": pack_params,
-                "history": history, "best": best,
-                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}}
-
-    model.train()
-    if args.freeze_bn:
-        set_bn_eval(model)
-    train_step = TrainStep(train_model, optimizer, scaler, dtype, graphed)
-    bar = tqdm(range(start, args.max_iterations), initial=start, total=args.max_iterations, disable=not main_rank,
-               unit="it", dynamic_ncols=True)
-    wait = 0.0  # seconds blocked on data since the last log line
-    images_seen, window_start = 0, time.perf_counter()
-    loss_sum, steps = torch.zeros((), device=device), 0
-    totals = {"wait": 0.0, "wall": 0.0, "images": 0}
-    for iteration in bar:
+def train(args, run: Run, step, batches, val_loader, logger: Logger, stop: StopRequest, world: int,
+          device: torch.device, dtype) -> dict:
+    """The loop: a batch, a step; a log line, validation and a checkpoint every so many iterations."""
+    main_rank = logger.on
+    window = Window(args.log_every, device, run.start)
+    totals = {"wait": 0.0, "wall": 0.0, "images": 0}  # the first window (warm-up) is left out
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None  # fp16: a skipped step lowers it
+    skipped_steps = 0
+    for iteration in range(run.start, args.max_iterations):
         t0 = time.perf_counter()
         images, labels, _ = next(batches)
         t1 = time.perf_counter()
-        loss_sum += train_step(images, labels)
-        scheduler.step()
-        steps += 1
-        images_seen += images.shape[0] * world
-        wait += t1 - t0
+        window.add(step(images, labels), images.shape[0] * world, t1 - t0)
+        run.scheduler.step()
+        logger.step()
         done = iteration + 1
+        if scale is not None:  # fp16's own host sync already waited for this step: reading the scale is free
+            skipped_steps += run.scaler.get_scale() < scale
+            scale = run.scaler.get_scale()
+            if scale < MIN_LOSS_SCALE:
+                raise diverged(args, done, f"the fp16 loss scale fell to {scale:g} ({skipped_steps} steps skipped "
+                                           f"for overflowing gradients)", done)
 
-        if done % args.log_every == 0 or done == args.max_iterations:
-            mean_loss = loss_sum.item() / steps  # .item() waits for the device: the timing below is real
-            elapsed = time.perf_counter() - window_start
-            if history["train"] or done == args.max_iterations:  # the first window (warm-up) is left out
-                totals["wait"] += wait
+        at_line = done % args.log_every == 0 or done == args.max_iterations
+        validate = val_loader is not None and (done % args.val_every == 0 or done == args.max_iterations)
+        save = done % args.ckpt_every == 0 or done == args.max_iterations
+        stopping = stop.now(world, at_line)
+        if (at_line or validate or save or stopping) and scale is None:
+            bad = window.first_non_finite(world)
+            if bad is not None:
+                raise diverged(args, bad, "the training loss is not finite", done)
+        if at_line:
+            elapsed = time.perf_counter() - window.started  # the loss read above waited for the device: real time
+            if run.history["train"] or done == args.max_iterations:
+                totals["wait"] += window.wait
                 totals["wall"] += elapsed
-                totals["images"] += images_seen
-            lr = scheduler.get_last_lr()[0]
-            speed, waiting = images_seen / elapsed, wait / elapsed
-            history["train"].append((done, mean_loss))
-            if main_rank:
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2g}", img_s=f"{speed:.0f}", data_wait=f"{100 * waiting:.0f}%")
-                log_file.write(f"it {done} loss {mean_loss:.4f} lr {lr:.3g} images/s {speed:.1f} data-wait {100 * waiting:.1f}%\n")
-                writer.add_scalar("train/loss", mean_loss, done)
-                writer.add_scalar("train/lr", lr, done)
-                writer.add_scalar("train/images_per_s", speed, done)
-                writer.add_scalar("train/data_wait", waiting, done)
-                if visdom:
-                    visdom.line([mean_loss], [done], win="loss", update="append", opts={"title": "train loss"})
-            loss_sum.zero_()
-            steps, wait, images_seen, window_start = 0, 0.0, 0, time.perf_counter()
-
+                totals["images"] += window.images
+            figures = {"loss": window.mean_loss(), "lr": run.scheduler.get_last_lr()[0],
+                       "images_per_s": window.images / elapsed, "data_wait": window.wait / elapsed,
+                       **({"skipped_steps": skipped_steps} if scale is not None else {})}
+            run.history["train"].append((done, figures["loss"]))
+            logger.train(done, figures)
+            window.reset(done)
         is_best = False
-        if val_loader is not None and (done % args.val_every == 0 or done == args.max_iterations):
-            metrics = evaluate(model, val_loader, args.val_batches, dtype, device, world)
+        if validate:
+            metrics = evaluate(run.model, val_loader, args.val_batches, dtype, device, world)
             if args.freeze_bn:
-                set_bn_eval(model)
-            history["val"].append((done, metrics))
-            is_best = metrics["top1"] > best
-            best = max(best, metrics["top1"])
-            log(f"validation at {done}: frame top-1 {metrics['top1']:.3f} top-3 {metrics['top3']:.3f} "
-                f"loss {metrics['loss']:.3f} ({metrics['samples']} samples){' best' if is_best else ''}")
-            if main_rank:
-                for k in ("loss", "top1", "top3"):
-                    writer.add_scalar(f"val/{k}", metrics[k], done)
-            window_start = time.perf_counter()  # validation time is not training time
-        if main_rank and (done % args.ckpt_every == 0 or done == args.max_iterations or is_best):
-            save_checkpoint(state(done), args.save_dir, args.keep, best=is_best or val_loader is None)
-    bar.close()
+                set_bn_eval(run.model)
+            run.history["val"].append((done, metrics))
+            is_best = metrics["top1"] > run.best
+            run.best = max(run.best, metrics["top1"])
+            logger.val(done, metrics, is_best)
+            window.started = time.perf_counter()  # validation time is not training time
+        if main_rank and (save or is_best or stopping):
+            bad = non_finite_weights(run.model)
+            if bad:
+                raise diverged(args, done, f"the weights hold non-finite values ({', '.join(bad[:3])})", done)
+            save_checkpoint(run.state(done), args.save_dir, args.keep, best=is_best or val_loader is None)
+        if stopping:
+            logger.line(f"stopped by SIGTERM after iteration {done}, checkpoint written: run the same command with "
+                        f"--resume to continue")
+            raise SystemExit(128 + signal.SIGTERM)
+    return {"iterations": args.max_iterations, "best_val_top1": run.best,
+            "images_per_s": totals["images"] / max(totals["wall"], 1e-9),
+            "data_wait": totals["wait"] / max(totals["wall"], 1e-9), "fp16_skipped_steps": skipped_steps}
 
-    summary = {"iterations": args.max_iterations, "best_val_top1": best,
-               "images_per_s": totals["images"] / max(totals["wall"], 1e-9),
-               "data_wait": totals["wait"] / max(totals["wall"], 1e-9),
-               "skipped_samples": getattr(train_loader, "skipped", 0)}
-    if main_rank:
-        plot_curves(history, args.save_dir / "curves.png")
-        writer.close()
-        log(f"done: {json.dumps(summary)}; checkpoints and curves.png in {args.save_dir}")
-        log_file.close()
-    if world > 1:
-        dist.destroy_process_group()
+
+def main(args: argparse.Namespace) -> dict:
+    rank, world, device = setup_distributed(args)
+    classes = check_before_work(args, world)
+    lock = Lock(args.save_dir / ".train.lock").acquire(f"--save-dir {args.save_dir}") if rank == 0 else None
+    logger = Logger(args, rank == 0)
+    try:
+        if rank == 0:
+            remove_stale_temporaries(args.save_dir, logger.line)
+        stream = open_stream(args.data, args.train_split, args.modality, args.flow_len)
+        dtype = amp_dtype(args, device)
+        run = Run(args, classes, stream.flow_len, rank, device, dtype, logger.line)
+        graphed, graph_note = graph_decision(args, device, dtype, world)
+        model = run.model
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.compile:
+            model = torch.compile(model)
+        batches, train_loader, val_loader = build_loaders(args, run, stream, rank, world, device, dtype)
+        logger.line(f"training {args.arch} on {args.modality} ({stream.channels} channels, {len(classes)} classes), "
+                    f"{world} process(es) on {device}, amp {dtype}, batch {args.batch_size}, "
+                    f"iterations {run.start}..{args.max_iterations}")
+        logger.line(f"CUDA graph {graph_note}")
+        logger.line(f"arguments: {json_text(plain_args(args), indent=None)}")
+        logger.start(run.start)
+        run.model.train()
+        if args.freeze_bn:
+            set_bn_eval(run.model)
+        with StopRequest().installed() as stop:
+            summary = train(args, run, TrainStep(model, run.optimizer, run.scaler, dtype, graphed), batches, val_loader,
+                            logger, stop, world, device, dtype)
+        summary["skipped_samples"] = getattr(train_loader, "skipped", 0)
+        if rank == 0:
+            plot_curves(run.history, args.save_dir / "curves.png")
+            logger.line(f"done: {json_text(summary, indent=None)}; checkpoints and curves.png in {args.save_dir}")
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            logger.line(e.code, echo=False)  # the reason goes into train.log too (the exit prints it)
+        raise
+    finally:
+        logger.close()
+        if lock is not None:
+            lock.release()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
     return summary
 
 

@@ -10,7 +10,8 @@ from .common import RESIZE_RATIO, Stream, check_fills_a_batch, open_stream
 
 def build(data: str | Path, split: str, modality: str, train: bool, batch_size: int, crop: int = 224,
           backend: str = "auto", device: str | torch.device | None = None, flow_len: int | None = None,
-          resize_ratio: float = RESIZE_RATIO, scale_jitter: tuple[float, float] | None = None, rank: int = 0,
+          resize_ratio: float = RESIZE_RATIO, scale_jitter: tuple[float, float] | None = None, flip: bool = True,
+          rank: int = 0,
           world_size: int = 1, workers: int = 4, shuffle_buffer: int = 4096, seed: int = 0, fp16: bool = False,
           channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5), raw: bool = False):
     """A loader yielding (images, labels, keys) on `device`; keys (sample ids) in eval mode only.
@@ -18,6 +19,7 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
     backend: "dali" (nvJPEG on the GPU, or DALI's CPU mode when device is the CPU), "cpu"
     (DataLoader workers), or "auto" (DALI on a GPU, the CPU loader otherwise).
     crop_pos: where eval crops sit, relative (0..1, 0..1); (0.5, 0.5) is the centre crop.
+    flip: training mirrors half the samples (not with False: classes where left and right differ).
     raw: (cpu backend) uint8 batches (N x images per sample x S x S x 3) as they leave the
     workers, for benchmarks and custom pipelines: not normalised, and in training (without
     scale jitter) not resized, S is then the crop's window side (loaders.cpu.ShardSamples);
@@ -25,6 +27,10 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
     In training, a batch on the CPU (cpu backend) is valid until the next is asked for: its
     memory is reused, as DALI's PyTorch iterator reuses its own. Use it in the loop; clone
     it to keep it.
+    Both backends give the same samples of damaged data: what cannot be read is left out and
+    counted in samples (`loader.skipped`, `loader.losses`: by shard, with its first key; a
+    warning at each epoch's end), except a JPEG damaged behind an intact header, which DALI
+    decodes (loaders.dali; python -m pack.verify finds them).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stream = open_stream(data, split, modality, flow_len)
@@ -33,7 +39,7 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
     if backend == "auto":
         backend = "dali" if device.type == "cuda" else "cpu"
     common = dict(stream=stream, train=train, batch_size=batch_size, crop=crop, resize_ratio=resize_ratio,
-                  scale_jitter=scale_jitter, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
+                  scale_jitter=scale_jitter, flip=flip, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
                   seed=seed, fp16=fp16, channels_last=channels_last, crop_pos=crop_pos)
     if backend == "dali":
         if raw:

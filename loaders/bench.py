@@ -23,24 +23,52 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import loaders
-from loaders.common import open_stream
+from loaders.common import add_loss, open_stream
+from loaders.cpu import ShardError, read_shard
 
 
-def export_files(stream, folder: Path) -> list[list[Path]]:
-    """The original's layout, made once from the shards: a folder per video, a JPEG per image."""
-    import webdataset as wds
+def baseline_inputs(stream, folder: Path) -> tuple[list[list[Path]], list[bytes], list]:
+    """The baselines' inputs, from the shards: a JPEG file per image (the original's layout, written once), 2,000
+    JPEGs for the decode ceiling, and what was left out as the loaders leave it out (a bad JPEG, a shard cut short).
 
+    Each distinct sample is checked once (benchmark data lists the same shards many times).
+    """
     done = folder / ".complete"
-    samples = []
-    for sample in wds.WebDataset(stream.tars, shardshuffle=False, empty_check=False):
-        paths = [folder / f"{sample['__key__']}.{ext}" for ext in stream.exts]
-        if not done.exists():
-            for path, ext in zip(paths, stream.exts):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(sample[ext])
-        samples.append(paths)
+    files, jpegs, checked, losses = [], [], {}, {}
+    for tar, index, count in zip(stream.tars, stream.indexes, stream.shard_samples):
+        samples = read_shard(tar, index)
+        while True:
+            try:
+                sample = next(samples)
+            except StopIteration:
+                break
+            except ShardError as e:
+                add_loss(losses, tar, e.key or f"#{e.first}", count - e.first, str(e))
+                break
+            paths = [folder / f"{sample['__key__']}.{ext}" for ext in stream.exts]
+            if paths[0] not in checked:
+                checked[paths[0]] = _decodes(sample, stream.exts)
+                if checked[paths[0]] and not done.exists():
+                    for path, ext in zip(paths, stream.exts):
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        path.write_bytes(sample[ext])
+            if not checked[paths[0]]:
+                add_loss(losses, tar, sample["__key__"], 1, "an image is missing or does not decode")
+                continue
+            files.append(paths)
+            if len(jpegs) < 2000:
+                jpegs += [sample[ext] for ext in stream.exts]
     done.touch()
-    return samples
+    return files, jpegs, list(losses.values())
+
+
+def _decodes(sample: dict, exts: list[str]) -> bool:
+    try:
+        for ext in exts:
+            simplejpeg.decode_jpeg(sample[ext], colorspace="RGB")
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 class FilesDataset(Dataset):
@@ -113,14 +141,7 @@ def _decode_all(jpegs: list[bytes]) -> int:
 class DecodeCeiling:
     """Raw JPEG decodes of the same images with the same number of processes: (images, seconds)."""
 
-    def __init__(self, stream, processes: int):
-        import webdataset as wds
-
-        jpegs = []
-        for sample in wds.WebDataset(stream.tars, shardshuffle=False, empty_check=False):
-            jpegs += [sample[ext] for ext in stream.exts]
-            if len(jpegs) >= 2000:
-                break
+    def __init__(self, jpegs: list[bytes], processes: int):
         self.chunks = [jpegs[i::processes * 4] for i in range(processes * 4)]
         self.pool = mp.get_context("fork").Pool(processes)
         self.pool.map(_decode_all, self.chunks[:processes])  # warm-up
@@ -162,12 +183,16 @@ def main(args: argparse.Namespace) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {mp.cpu_count()} cores, {gpu}; "
           f"{args.modality} crop {args.crop}, batch {args.batch_size}, {args.workers} workers, "
           f"{per_sample} image(s) per sample, {stream.samples} samples")
-    contenders = {"decode ceiling": DecodeCeiling(stream, args.workers)}
+    folder = args.files_dir or args.data / f"files-{args.split}-{args.modality}"
+    files, jpegs, losses = baseline_inputs(stream, folder)
+    if losses:
+        print(f"the baselines leave out {sum(x.samples for x in losses)} bad sample(s), as the loaders do: "
+              + "; ".join(map(str, losses[:3])))
+    contenders = {"decode ceiling": DecodeCeiling(jpegs, args.workers)}
     names = {"decode ceiling": f"simplejpeg, {args.workers} processes, no augmentation",
              "files": "PIL + torchvision transforms, the baseline"}
 
-    folder = args.files_dir or args.data / f"files-{args.split}-{args.modality}"
-    files = FilesDataset(export_files(stream, folder), args.crop, round(args.crop * 1.1), stream.mean, stream.std)
+    files = FilesDataset(files, args.crop, round(args.crop * 1.1), stream.mean, stream.std)
 
     def files_batches():
         for images, labels in DataLoader(files, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,

@@ -1,6 +1,7 @@
-"""What both loaders share: which shards to read, how to normalise, how labels and keys arrive."""
+"""What both loaders share: which shards to read, how to normalise, how labels and keys arrive, what counts as lost."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pack.manifest import load_manifest
+from pack.shards import parse_label as parse_label_bytes
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -29,6 +31,10 @@ class Stream:
     flow_len: int  # flow images per sample (1 for rgb: one image)
     samples: int
     classes: list[str]
+    shard_samples: list[int] | None = None  # samples in each shard, as the manifest says
+    labelled: bool = True  # False for a split packed without labels (every cls -1)
+    data: str = ""  # the DATA folder and split, for messages
+    split: str = ""
 
     @property
     def exts(self) -> list[str]:
@@ -69,13 +75,20 @@ def open_stream(data: str | Path, split: str, modality: str, flow_len: int | Non
     use_len = flow_len or packed_len
     if use_len > packed_len:
         raise ValueError(f"{data}/{split} was packed with --flow-len {packed_len}; cannot read {use_len} flow images")
-    tars = [str(Path(data) / p["tar"]) for p in pieces]
+    tars, indexes = [str(Path(data) / p["tar"]) for p in pieces], [str(Path(data) / p["idx"]) for p in pieces]
     missing = [t for t in tars if not Path(t).exists()]
     if missing:
-        raise FileNotFoundError(f"shards listed in the manifest are missing: {missing[:3]}")
-    return Stream(tars=tars, indexes=[str(Path(data) / p["idx"]) for p in pieces], modality=modality,
-                  flow_len=use_len if modality == "flow" else 1, samples=sum(p["samples"] for p in pieces),
-                  classes=manifest["classes"])
+        raise FileNotFoundError(f"{len(missing)} shard(s) listed in the manifest are missing: {missing[:3]}; "
+                                f"copy them again, or re-pack")
+    missing = [i for i in indexes if not Path(i).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard index(es) listed in the manifest are missing: {missing[:3]}; "
+                                f"copy them again, or rebuild each from its tar: wds2idx SHARD.tar SHARD.idx "
+                                f"(DALI's tool), then python -m pack.verify {data}")
+    return Stream(tars=tars, indexes=indexes, modality=modality, flow_len=use_len if modality == "flow" else 1,
+                  samples=sum(p["samples"] for p in pieces), classes=manifest["classes"],
+                  shard_samples=[p["samples"] for p in pieces],
+                  labelled=any(v["cls"] >= 0 for v in info["video_info"].values()), data=str(data), split=split)
 
 
 def check_fills_a_batch(stream: Stream, batch_size: int, world_size: int = 1) -> None:
@@ -86,33 +99,49 @@ def check_fills_a_batch(stream: Stream, batch_size: int, world_size: int = 1) ->
                          f"{batch_size}; lower the batch size or pack more videos")
 
 
-def truncated_shards(stream: Stream) -> list[str]:
-    """Shards shorter than their index says (a copy or download cut short), read from the index tails."""
-    bad = []
-    for tar, index in zip(stream.tars, stream.indexes):
-        with open(index, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 4096))
-            fields = f.read().decode().strip().splitlines()[-1].split()
-        end = max(int(start) + int(size) for start, size in zip(fields[1::4], fields[2::4]))
-        if Path(tar).stat().st_size < end:
-            bad.append(tar)
-    return bad
+@dataclass
+class Loss:
+    """Samples a loader could not give: in which shard, the first one's key, how many, why."""
+
+    shard: str
+    first_key: str
+    samples: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.shard}: {self.samples} sample(s) lost, the first {self.first_key}: {self.reason}"
 
 
-def key_of(member_name: str) -> str:
-    """Sample key of a tar member name: `vid/000012.rgb.jpg` -> `vid/000012` (WebDataset's rule)."""
-    dot = member_name.find(".", member_name.rfind("/") + 1)
-    return member_name[:dot]
+def add_loss(losses: dict[str, Loss], shard: str, key: str, samples: int, reason: str) -> None:
+    """Count `samples` more lost in `shard` (one record a shard: its first key and reason, all its samples)."""
+    if shard in losses:
+        losses[shard].samples += samples
+    else:
+        losses[shard] = Loss(shard, key, samples, reason)
 
 
-def parse_cls(raw: torch.Tensor) -> torch.Tensor:
-    """ASCII integers padded with zero bytes (B x W uint8) -> int64 labels, on raw's device."""
-    raw = raw.long()
-    value = torch.zeros(raw.shape[0], dtype=torch.long, device=raw.device)
-    for column in raw.unbind(1):
-        digit = (column >= 48) & (column <= 57)
-        value = torch.where(digit, value * 10 + column - 48, value)
-    return torch.where(raw[:, 0] == 45, -value, value)  # a leading '-' (unlabelled: -1)
+def warn_losses(losses: list[Loss], stream: Stream, total: int) -> None:
+    """One warning for an epoch's losses, naming the shards (the first few) and what to run."""
+    if not losses:
+        return
+    lost = sum(loss.samples for loss in losses)
+    listed = "; ".join(str(loss) for loss in losses[:5]) + (f"; and {len(losses) - 5} more shard(s)" if len(losses) > 5 else "")
+    warnings.warn(f"{stream.data}/{stream.split} {stream.modality}: {lost} of {stream.samples} samples lost this epoch "
+                  f"({total} in all so far): {listed}. Find every problem with: python -m pack.verify {stream.data} "
+                  f"--split {stream.split}", stacklevel=3)
+
+
+def parse_label(raw: bytes, stream: Stream) -> int:
+    """A sample's `cls` bytes -> its label, checked against the stream's classes (pack.shards.parse_label)."""
+    return parse_label_bytes(raw, len(stream.classes), stream.labelled)
+
+
+def pool(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int):
+    """One full batch out of partial ones: (images, labels, what is left over)."""
+    images = torch.cat([x for x, _ in parts])
+    labels = torch.cat([y for _, y in parts])
+    rest = [(images[size:], labels[size:])] if len(labels) > size else []
+    return images[:size], labels[:size], rest
 
 
 def normalise(images: torch.Tensor, stream: Stream, dtype: torch.dtype, channels_last: bool,

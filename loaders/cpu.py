@@ -33,7 +33,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 import weakref
 
 import cv2
@@ -42,7 +41,9 @@ import simplejpeg
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .common import Stream, key_of, normalise, normalised_shape
+from pack.shards import index_entries, key_of, read_index, readable_prefix
+
+from .common import Loss, Stream, add_loss, normalise, normalised_shape, parse_label, pool, warn_losses
 
 try:
     from ._jpeg_region import decode_region
@@ -87,25 +88,56 @@ def decode_box(jpeg: bytes, scaled: tuple[int, int, int], box) -> np.ndarray:
 _region_buffer = np.empty(0, np.uint8)
 
 
+class ShardError(Exception):
+    """The rest of a shard cannot be read, from its sample `first` on (key: that sample's, if the index names it)."""
+
+    def __init__(self, first: int, key: str | None, reason: str):
+        super().__init__(reason)
+        self.first, self.key = first, key
+
+
 def read_shard(tar: str, index: str, every: int = 1, offset: int = 0):
     """Yield the samples of one shard as {ext: bytes, "__key__", "__url__"}, located by its index.
 
-    Keeps sample i only where i % every == offset (skipped samples are never read). A sample
-    whose bytes lie past the end of the file (a truncated shard) raises ValueError.
+    Keeps sample i only where i % every == offset (skipped samples are never read). Samples
+    whose bytes lie past the end of the file (a truncated shard) are not read: after the
+    whole ones, ShardError says from which sample on the shard is lost, as it does for an
+    index or a file that cannot be read at all.
     """
-    with open(index, encoding="utf-8") as f:
-        lines = f.read().splitlines()[1:]  # after the "v1.2 <samples>" header
-    with open(tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        for i, line in enumerate(lines):
-            if i % every != offset:
-                continue
-            fields = line.split()
-            sample = {"__url__": tar, "__key__": key_of(fields[3])}
-            for ext, start, size in zip(fields[0::4], map(int, fields[1::4]), map(int, fields[2::4])):
-                if start + size > len(data):
-                    raise ValueError(f"{tar}: sample {sample['__key__']} lies past the end of the file (truncated shard)")
-                sample[ext] = data[start:start + size]
+    try:
+        lines = read_index(index)
+        with open(tar, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except (OSError, ValueError) as e:
+        raise ShardError(0, None, f"unreadable: {e}") from None
+    try:
+        whole = readable_prefix(lines, size)
+    except ValueError as e:  # a garbled index line: read up to it
+        whole = next(i for i, line in enumerate(lines) if not _parses(line))
+        problem = f"unreadable index: {e}"
+    else:
+        problem = f"truncated: the file ends at byte {size}, its index goes on" if whole < len(lines) else None
+    try:
+        for i in range(offset, whole, every):
+            entries = index_entries(lines[i])
+            sample = {"__url__": tar, "__key__": key_of(entries[0][3])}
+            for ext, start, length, _ in entries:
+                sample[ext] = data[start:start + length]
             yield sample
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+    if problem:
+        key = key_of(index_entries(lines[whole])[0][3]) if _parses(lines[whole]) else None
+        raise ShardError(whole, key, problem)
+
+
+def _parses(line: str) -> bool:
+    try:
+        return bool(index_entries(line))
+    except ValueError:
+        return False
 
 
 def crop_window(height: int, width: int, short: float, crop: int, pos: tuple[float, float]):
@@ -198,7 +230,8 @@ class ShardSamples(IterableDataset):
     tags: where workers and consumer share which reused batches are held (training: the
     batches that leave a worker, uint8 or normalised, are reused).
     Yields (images, labels, keys, tag index or -1 for a batch that is not reused); a worker's
-    last batch of an epoch is partial (in training, CpuLoader pools these remainders).
+    last batch of an epoch is partial (in training, CpuLoader pools these remainders). What it
+    could not read or decode comes in between, as Loss records (one a shard, in samples).
     where: shared bytes, WHERE_BYTES a worker, naming the shard and sample each worker is on
     (CpuLoader's report when a worker dies).
 
@@ -208,23 +241,23 @@ class ShardSamples(IterableDataset):
     are resized to S here. With scale jitter every window differs: resized here to the crop.
     """
 
-    def __init__(self, stream: Stream, train: bool, crop: int, resize_ratio: float, scale_jitter, rank: int,
-                 world_size: int, shuffle_buffer: int, seed: int, skipped, crop_pos: tuple[float, float],
+    def __init__(self, stream: Stream, train: bool, crop: int, resize_ratio: float, scale_jitter, flip: bool,
+                 rank: int, world_size: int, shuffle_buffer: int, seed: int, crop_pos: tuple[float, float],
                  batch_size: int, normalise_as: tuple | None, tags, where):
         self.stream, self.train, self.crop, self.resize_ratio = stream, train, crop, resize_ratio
-        self.scale_jitter, self.rank, self.world_size = scale_jitter, rank, world_size
-        self.shuffle_buffer, self.seed, self.skipped, self.crop_pos = shuffle_buffer, seed, skipped, crop_pos
+        self.scale_jitter, self.flip, self.rank, self.world_size = scale_jitter, flip, rank, world_size
+        self.shuffle_buffer, self.seed, self.crop_pos = shuffle_buffer, seed, crop_pos
         self.batch_size, self.normalise_as, self.tags, self.where = batch_size, normalise_as, tags, where
         self.epoch = 0
+        self._losses: dict[str, Loss] = {}  # what this worker lost since it last said so, by shard
         self.side = None  # the side of the images this worker writes (see above)
         self._ring = None  # this worker's SharedBatches (training: the batches that leave the worker)
         self._staging = None  # this worker's uint8 batch to normalise from (normalised batches leave)
 
-    def _handler(self, exn: Exception) -> None:
-        """Count and report a bad sample or shard, then go on."""
-        with self.skipped.get_lock():
-            self.skipped.value += 1
-        warnings.warn(f"skipped bad data: {exn}", stacklevel=2)
+    def _lost(self):
+        """The Loss records gathered since the last call (they travel to the main process between batches)."""
+        losses, self._losses = list(self._losses.values()), {}
+        return losses
 
     def _parts(self):
         """Which shards to read and which of their samples to keep, for this rank and worker.
@@ -235,7 +268,7 @@ class ShardSamples(IterableDataset):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         readers, me = self.world_size * workers, self.rank * workers + worker
-        shards = list(zip(self.stream.tars, self.stream.indexes))
+        shards = list(zip(self.stream.tars, self.stream.indexes, self.stream.shard_samples))
         if self.train:
             random.Random(self.seed + self.epoch).shuffle(shards)  # same order on every rank
         if len(shards) >= readers:
@@ -258,7 +291,7 @@ class ShardSamples(IterableDataset):
         stream, crop = self.stream, self.crop
         short = crop * self.resize_ratio * (rng.uniform(*self.scale_jitter) if self.train and self.scale_jitter else 1.0)
         pos = (rng.random(), rng.random()) if self.train else self.crop_pos
-        flip = self.train and rng.random() < 0.5
+        flip = self.train and rng.random() < 0.5 and self.flip
         for jpeg, image in zip((sample[ext] for ext in stream.exts), out):
             if self.train:
                 scaled = scaled_size(jpeg, math.ceil(short))
@@ -269,14 +302,17 @@ class ShardSamples(IterableDataset):
             if flip and stream.modality == "flow":  # flow x is negated by a flip: x -> 255 - x = x ^ 255
                 flat = image.reshape(-1)
                 np.bitwise_xor(flat, _flow_x_mask(flat.size), out=flat)
-        return int(sample["cls"])
+        return parse_label(sample["cls"], stream)
 
     def _samples(self, shards, every: int, offset: int):
-        for tar, index in shards:
+        for tar, index, count in shards:
+            if not count:  # a shard of no samples: valid, nothing to read
+                continue
             try:
                 yield from read_shard(tar, index, every, offset)
-            except (OSError, ValueError) as e:  # unreadable or truncated: the rest of it is lost
-                self._handler(e)
+            except ShardError as e:  # the rest of it is lost: this reader's share of its samples from e.first on
+                lost = len(range(e.first + (offset - e.first) % every, count, every))
+                add_loss(self._losses, tar, e.key or f"#{e.first} of the shard", lost, str(e))
 
     def _new_batch(self, info, epoch: int) -> tuple[torch.Tensor, int]:
         """Where the next batch's uint8 images go, and its tag index (-1: not a reused batch)."""
@@ -328,13 +364,16 @@ class ShardSamples(IterableDataset):
             try:  # a bad sample leaves its row half-written: the next one overwrites it
                 label = self._augment(sample, rng, rows[len(labels)])
             except Exception as e:  # a corrupt JPEG, a missing component, a bad label
-                self._handler(ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {e!r}"))
+                reason = f"missing its {e.args[0]}" if isinstance(e, KeyError) else str(e)
+                add_loss(self._losses, sample["__url__"], sample["__key__"], 1, reason)
                 continue
             labels.append(label)
             keys.append(sample["__key__"])
             if len(labels) == self.batch_size:
+                yield from self._lost()
                 yield self._batch(images, labels, keys, slot, info, epoch)
                 images, labels, keys = None, [], []
+        yield from self._lost()
         if labels:  # the remainder: kept in eval, pooled with other workers' in training
             yield self._batch(images[:len(labels)], labels, keys, slot, info, epoch)
         if info is not None:
@@ -353,7 +392,7 @@ class CpuLoader:
     """
 
     def __init__(self, stream: Stream, train: bool, batch_size: int, crop: int, resize_ratio: float = 1.1,
-                 scale_jitter: tuple | None = None, device: str | torch.device = "cpu", rank: int = 0,
+                 scale_jitter: tuple | None = None, flip: bool = True, device: str | torch.device = "cpu", rank: int = 0,
                  world_size: int = 1, num_workers: int = 2, shuffle_buffer: int = 4096, seed: int = 0,
                  fp16: bool = False, channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5),
                  raw: bool = False):
@@ -361,7 +400,7 @@ class CpuLoader:
         self.dtype = torch.float16 if fp16 else torch.float32
         self.channels_last = channels_last
         context = mp.get_context("forkserver" if torch.cuda.is_initialized() else "fork")
-        self._skipped = context.Value("l", 0)
+        self.losses: list[Loss] = []  # every sample lost so far, by shard and epoch (workers send them in-band)
         self._tags = context.RawArray("q", max(num_workers, 1) * SLOTS)  # see SharedBatches
         self._where = context.RawArray("c", max(num_workers, 1) * WHERE_BYTES)  # see ShardSamples
         self._epoch = 0
@@ -370,8 +409,8 @@ class CpuLoader:
         # raw: uint8 batches as the workers make them (N x L x S x S x 3), with no device step at all.
         self.on_cpu, self.raw = self.device.type == "cpu", raw
         in_workers = self.on_cpu and not raw
-        self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, rank, world_size,
-                                    shuffle_buffer, seed, self._skipped, crop_pos, batch_size,
+        self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, flip, rank, world_size,
+                                    shuffle_buffer, seed, crop_pos, batch_size,
                                     normalise_as=(stream, self.dtype, channels_last) if in_workers else None,
                                     tags=self._tags, where=self._where)
         self.samples = stream.samples // world_size
@@ -385,8 +424,8 @@ class CpuLoader:
 
     @property
     def skipped(self) -> int:
-        """Bad samples (or broken shards) skipped so far; each was also reported as a warning."""
-        return self._skipped.value
+        """Samples lost so far (unreadable, cut short, undecodable, mislabelled), over all epochs: see `losses`."""
+        return sum(loss.samples for loss in self.losses)
 
     def __len__(self) -> int:
         n = self.samples / self.batch_size
@@ -394,7 +433,7 @@ class CpuLoader:
 
     def __iter__(self):
         """Batches of this epoch. A training batch on the CPU (and a raw one) is valid until the next is asked for."""
-        skipped_before = self.skipped
+        losses_before = len(self.losses)
         self.dataset.epoch = self._epoch  # workers started now begin here; persistent ones count along
         tag = self._epoch + 1  # what SharedBatches.take tags this epoch's batches with
         self._epoch += 1
@@ -404,6 +443,9 @@ class CpuLoader:
         self._watch_workers()
         try:
             while (item := self._next(batches)) is not None:
+                if isinstance(item, Loss):
+                    self.losses.append(item)
+                    continue
                 images, labels, keys, slot = item
                 self._free(held, tag)  # the consumer asks for the next batch: it is done with the last
                 held = -1
@@ -412,7 +454,7 @@ class CpuLoader:
                     self._free(slot, tag)
                     if sum(len(y) for _, y in remainders) < self.batch_size:
                         continue
-                    images, labels, remainders = _pool(remainders, self.batch_size)
+                    images, labels, remainders = pool(remainders, self.batch_size)
                 elif not self.loader.pin_memory:  # with pin memory, the pinning thread copied it: free already
                     held = slot
                 else:
@@ -424,9 +466,7 @@ class CpuLoader:
         finally:
             self._free(held, tag)
             self._batches = None  # no epoch under way: a worker's end is not this loader's to report
-        if self.skipped > skipped_before:  # the workers' own warnings went to their stderr
-            warnings.warn(f"skipped bad data: {self.skipped - skipped_before} bad sample(s) or shard(s) this epoch "
-                          f"({self.skipped} in all); the reasons were printed above", stacklevel=2)
+        warn_losses(self.losses[losses_before:], self.stream, self.skipped)
 
     def _free(self, slot: int, tag: int) -> None:
         if slot >= 0 and self._tags[slot] == tag:  # not if a later epoch reuses it already
@@ -483,14 +523,6 @@ class CpuLoader:
         return "\n".join(lines + [f"({error})"]) if lines else str(error)
 
 
-def _pool(remainders: list, size: int):
-    """One full batch out of the workers' partial ones: (images, labels, what is left over)."""
-    images = torch.cat([x for x, _ in remainders])
-    labels = torch.cat([y for _, y in remainders])
-    rest = [(images[size:], labels[size:])] if len(labels) > size else []
-    return images[:size], labels[:size], rest
-
-
 WHERE_BYTES = 512  # per worker: "shard sample key", for the report when a worker dies
 
 
@@ -524,5 +556,6 @@ def _flow_x_mask(size: int) -> np.ndarray:
 
 def _init_worker(_: int) -> None:
     cv2.setNumThreads(1)  # the workers are the parallelism
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping is the main process's: train.py saves first, then exits
     if sys.__stderr__ is not None:  # a crash in native code (decoders) prints the Python stack before the worker dies
         faulthandler.enable(sys.__stderr__)

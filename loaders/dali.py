@@ -2,29 +2,58 @@
 
 One pipeline function per mode, DALI-style; `device="gpu"` decodes with nvJPEG ("mixed"),
 `device="cpu"` runs the same graph on the CPU (DALI's CPU mode, `device_id=None`).
+
+Bad data, as the CPU loader treats it (the same samples from the same shards): a shard cut
+short is read up to its last whole sample (DALI is given an index of those), an empty one is
+left out, a sample missing a component is skipped (by the reader), a label that is not an
+integer in range drops its row (checked here, on the host, before the batch is used; in
+training the rows left are pooled into full batches). All are counted in samples (`losses`).
+What DALI cannot do: tell a JPEG whose data is damaged behind an intact header (it decodes
+it, with warnings on the CPU); `python -m pack.verify` finds those. On a JPEG it cannot
+decode at all it stops with an error, and in its CPU mode it has crashed the process
+(a segmentation fault) while doing so: the crash prints where it was and what to run.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import faulthandler
+import os
+import shutil
+import sys
+import tempfile
+import weakref
+from pathlib import Path
 
 import numpy as np
+import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .common import Stream, key_of, parse_cls, truncated_shards
+from pack.shards import index_entries, key_of, read_index, readable_prefix
 
-LABEL_BYTES = 8  # `cls` is an ASCII integer; padded to this width to batch it
+from .common import Loss, Stream, add_loss, parse_label, pool, warn_losses
+
+try:
+    from . import _crash_hint
+except ImportError:  # built without a C compiler: faulthandler alone says where a crash was
+    _crash_hint = None
+
+LABEL_BYTES = 9  # `cls` is an ASCII integer of at most 8 characters; padded to this width to batch it (a 9th: too long)
+WHERE_BYTES = 512  # "tar:offset:member" of a sample's first image, padded
 
 
-def _read(stream: Stream, shard_id: int, num_shards: int, shuffle_buffer: int):
+def _read(stream: Stream, paths: list[str], index_paths: list[str], shard_id: int, num_shards: int,
+          shuffle_buffer: int):
     *jpegs, cls = fn.readers.webdataset(
-        paths=stream.tars, index_paths=stream.indexes, ext=stream.exts + ["cls"],
+        paths=paths, index_paths=index_paths, ext=stream.exts + ["cls"],
         missing_component_behavior="skip", random_shuffle=shuffle_buffer > 0,
         initial_fill=max(shuffle_buffer, 1), shard_id=shard_id, num_shards=num_shards,
         name="Reader")
-    return jpegs, fn.pad(cls, fill_value=0, shape=[LABEL_BYTES])
+    where = fn.pad(fn.get_property(jpegs[0], key="source_info")[:WHERE_BYTES], fill_value=0, shape=[WHERE_BYTES])
+    return jpegs, fn.pad(cls[:LABEL_BYTES], fill_value=0, shape=[LABEL_BYTES]), where
 
 
 def _decode(jpegs, device: str, window: dict | None = None):
@@ -50,91 +79,189 @@ def _crop_window(jpegs, crop: int, short) -> dict:
 
 
 @pipeline_def
-def train_pipeline(stream: Stream, device: str, crop: int, resize_shorter: float, scale_jitter: tuple | None,
-                   shard_id: int, num_shards: int, shuffle_buffer: int, fp16: bool, channels_last: bool):
+def train_pipeline(stream: Stream, paths: list[str], index_paths: list[str], device: str, crop: int,
+                   resize_shorter: float, scale_jitter: tuple | None, flip: bool, shard_id: int, num_shards: int,
+                   shuffle_buffer: int, fp16: bool, channels_last: bool):
     """Random crop window (of a short side resized to resize_shorter, optionally jittered), random flip, normalise."""
-    jpegs, labels = _read(stream, shard_id, num_shards, shuffle_buffer)
+    jpegs, labels, where = _read(stream, paths, index_paths, shard_id, num_shards, shuffle_buffer)
     short = resize_shorter * fn.random.uniform(range=scale_jitter) if scale_jitter else resize_shorter
     images = fn.resize(_decode(jpegs, device, _crop_window(jpegs, crop, short)), size=[crop, crop], antialias=True)
-    flip = fn.random.coin_flip()
+    mirror = fn.random.coin_flip(probability=0.5 if flip else 0.0)
     # A flip negates flow x, stored as x -> 255 - x: ((255 - x) - m) / s == (x - (255 - m)) / -s,
     # so it is folded into the per-sample mean and std of the flipped channels.
     negate = np.array(stream.flip_negates, np.float32)
-    mean = types.Constant(np.array(stream.mean, np.float32)) + flip * (negate * (255.0 - 2 * np.array(stream.mean, np.float32)))
-    std = types.Constant(np.array(stream.std, np.float32)) * (1.0 - 2.0 * flip * negate)
+    mean = types.Constant(np.array(stream.mean, np.float32)) + mirror * (negate * (255.0 - 2 * np.array(stream.mean, np.float32)))
+    std = types.Constant(np.array(stream.std, np.float32)) * (1.0 - 2.0 * mirror * negate)
     images = fn.crop_mirror_normalize(
-        images, mirror=flip, mean=mean, std=std,
+        images, mirror=mirror, mean=mean, std=std,
         dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC" if channels_last else "CHW")
-    return images, labels.gpu() if device == "gpu" else labels
+    return images, labels, where
 
 
 @pipeline_def
-def eval_pipeline(stream: Stream, device: str, crop: int, resize_shorter: float, crop_pos: tuple[float, float],
-                  shard_id: int, num_shards: int, fp16: bool, channels_last: bool):
-    """Short-side resize and a fixed crop (centre by default), in shard order; also which sample each row is."""
-    jpegs, labels = _read(stream, shard_id, num_shards, shuffle_buffer=0)
-    where = fn.pad(fn.get_property(jpegs[0], key="source_info"), fill_value=0)  # "tar:offset:member"
+def eval_pipeline(stream: Stream, paths: list[str], index_paths: list[str], device: str, crop: int,
+                  resize_shorter: float, crop_pos: tuple[float, float], shard_id: int, num_shards: int, fp16: bool,
+                  channels_last: bool):
+    """Short-side resize and a fixed crop (centre by default), in shard order."""
+    jpegs, labels, where = _read(stream, paths, index_paths, shard_id, num_shards, shuffle_buffer=0)
     images = fn.resize(_decode(jpegs, device), resize_shorter=resize_shorter, antialias=True)
     images = fn.crop_mirror_normalize(
         images, crop=(crop, crop), crop_pos_x=crop_pos[0], crop_pos_y=crop_pos[1], mean=stream.mean, std=stream.std,
         dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC" if channels_last else "CHW")
-    return images, labels.gpu() if device == "gpu" else labels, where
+    return images, labels, where
+
+
+def readable_shards(stream: Stream, folder: str) -> tuple[list[str], list[str], dict[str, Loss], int]:
+    """The shards DALI can read whole, with an index of its whole samples for each shard cut short (written in folder).
+
+    Returns (tars, indexes, losses by shard, samples left). A shard of no samples is left out
+    (DALI needs one at least). Only an index whose last sample lies past the end of its tar
+    (a 4 KiB read) is read whole.
+    """
+    tars, indexes, losses, left = [], [], {}, 0
+    for tar, index, count in zip(stream.tars, stream.indexes, stream.shard_samples):
+        size = os.path.getsize(tar)
+        if count and _last_sample_end(index) <= size:
+            tars.append(tar)
+            indexes.append(index)
+            left += count
+            continue
+        try:
+            lines = read_index(index) if count else []
+            whole = readable_prefix(lines, size)
+        except ValueError as e:
+            add_loss(losses, tar, "#0 of the shard", count, f"unreadable: {e}")
+            continue
+        if whole < len(lines):
+            add_loss(losses, tar, key_of(index_entries(lines[whole])[0][3]), len(lines) - whole,
+                     f"truncated: the file ends at byte {size}, its index goes on")
+        if whole:
+            trimmed = Path(folder) / f"{len(indexes):05d}-{Path(index).name}"
+            trimmed.write_text(f"v1.2 {whole}\n" + "\n".join(lines[:whole]) + "\n")
+            tars.append(tar)
+            indexes.append(str(trimmed))
+            left += whole
+    return tars, indexes, losses, left
+
+
+def _last_sample_end(index: str) -> int:
+    """Where a shard's last sample ends, as its index's last line says (infinite if the index says nothing)."""
+    with open(index, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 4096))
+        tail = f.read().decode(errors="replace").strip().splitlines()
+    try:
+        return max(start + size for _, start, size, _ in index_entries(tail[-1]))
+    except (ValueError, IndexError):
+        return sys.maxsize
 
 
 class DaliLoader:
-    """Iterates (images NCHW, labels int64[, keys]) on the pipeline's device, one epoch per pass."""
+    """Iterates (images NCHW, labels int64, keys or None) on the pipeline's device, one epoch per pass."""
 
     def __init__(self, stream: Stream, train: bool, batch_size: int, crop: int, resize_ratio: float = 1.1,
-                 scale_jitter: tuple | None = None, device: str = "gpu", device_id: int | None = 0,
-                 rank: int = 0, world_size: int = 1, num_threads: int = 4, shuffle_buffer: int = 4096,
-                 seed: int = 0, fp16: bool = False, channels_last: bool = False, prefetch: int = 2,
-                 crop_pos: tuple[float, float] = (0.5, 0.5)):
-        self.train, self.channels_last = train, channels_last
+                 scale_jitter: tuple | None = None, flip: bool = True, device: str = "gpu",
+                 device_id: int | None = 0, rank: int = 0, world_size: int = 1, num_threads: int = 4,
+                 shuffle_buffer: int = 4096, seed: int = 0, fp16: bool = False, channels_last: bool = False,
+                 prefetch: int = 2, crop_pos: tuple[float, float] = (0.5, 0.5)):
+        self.stream, self.train, self.channels_last, self.batch_size = stream, train, channels_last, batch_size
+        self._arm_crash_report(stream)
+        folder = tempfile.mkdtemp(prefix="dali-index-")  # trimmed indexes of damaged shards, gone with the loader
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        tars, indexes, self._shard_losses, left = readable_shards(stream, folder)
+        if not tars:
+            raise RuntimeError(f"{stream.data}/{stream.split}: no {stream.modality} shard can be read: "
+                               + "; ".join(map(str, self._shard_losses.values()))[:2000])
         common = dict(batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
-                      prefetch_queue_depth=prefetch, stream=stream, device=device, crop=crop,
-                      resize_shorter=crop * resize_ratio, shard_id=rank, num_shards=world_size,
-                      fp16=fp16, channels_last=channels_last)
+                      prefetch_queue_depth=prefetch, stream=stream, paths=tars, index_paths=indexes, device=device,
+                      crop=crop, resize_shorter=crop * resize_ratio, shard_id=rank, num_shards=world_size, fp16=fp16,
+                      channels_last=channels_last)
         if train:
-            pipe = train_pipeline(**common, scale_jitter=scale_jitter, shuffle_buffer=shuffle_buffer,
+            pipe = train_pipeline(**common, scale_jitter=scale_jitter, flip=flip, shuffle_buffer=shuffle_buffer,
                                   seed=seed * 1000 + rank)  # the pipeline seed drives reader shuffle and augmentation
-            outputs = ["images", "labels"]
         else:
             pipe = eval_pipeline(**common, crop_pos=crop_pos)
-            outputs = ["images", "labels", "where"]
-        self.stream = stream
-        self.skipped = 0  # DALI fails loudly on bad data instead of skipping it
-        truncated = truncated_shards(stream)
-        if truncated:  # DALI would fail later, without saying which shard
-            raise RuntimeError(f"{len(truncated)} shard(s) shorter than their index says: {truncated[:3]}; "
-                               f"re-pack or re-copy them, or use --backend cpu, which skips what it cannot read")
+        self.losses: list[Loss] = []
         with self._naming_shards():  # building the iterator already runs the pipeline (prefetch)
             self._iter = DALIGenericIterator(
-                pipe, outputs, reader_name="Reader", auto_reset=True,
+                pipe, ["images", "labels", "where"], reader_name="Reader", auto_reset=True,
                 last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
+            read = pipe.reader_meta("Reader")["epoch_size"]
+        if read < left:  # the reader skipped samples missing a component: name them
+            self._shard_losses.update(samples_missing_components(stream, tars, indexes))
+
+    def _arm_crash_report(self, stream: Stream) -> None:
+        """A crash in DALI's native code prints what to run, then (faulthandler) the Python stack where it was."""
+        if not faulthandler.is_enabled():
+            faulthandler.enable()
+        if _crash_hint is not None:
+            _crash_hint.arm(f"\nDALI crashed while reading {stream.data}/{stream.split} ({stream.modality}); it does "
+                            f"so on data it cannot decode. Find the bad samples with: python -m pack.verify "
+                            f"{stream.data} --split {stream.split} (or use --backend cpu, which skips and counts "
+                            f"them). Where it was:\n".encode())
 
     @contextlib.contextmanager
     def _naming_shards(self):
-        """DALI's errors name the operator, not the data: add which shards were being read."""
+        """DALI's errors name the operator, not the data: add which shards were being read, and what to run."""
         try:
             yield
         except RuntimeError as e:
-            tars = self.stream.tars
-            raise RuntimeError(f"DALI failed reading {len(tars)} shard(s) ({tars[0]}{' ...' if len(tars) > 1 else ''}); "
-                               f"check them with `tar tf`, or use --backend cpu, which skips bad samples: {e}") from None
+            s = self.stream
+            raise RuntimeError(f"DALI failed reading {len(s.tars)} shard(s) of {s.data}/{s.split} ({s.tars[0]}"
+                               f"{' ...' if len(s.tars) > 1 else ''}). Find the bad samples with: python -m pack.verify "
+                               f"{s.data} --split {s.split}; or use --backend cpu, which skips and counts them. "
+                               f"DALI said: {e}") from None
+
+    @property
+    def skipped(self) -> int:
+        """Samples lost so far, over all epochs: see `losses`."""
+        return sum(loss.samples for loss in self.losses)
 
     def __len__(self) -> int:
         return len(self._iter)
 
     def __iter__(self):
+        epoch_losses = {k: dataclasses.replace(v) for k, v in self._shard_losses.items()}  # lost every epoch
+        carry = []  # training: rows left after dropping bad ones, pooled into full batches
         with self._naming_shards():
             for (batch,) in self._iter:
                 images = batch["images"]
                 if self.channels_last:  # NHWC buffer == NCHW tensor in channels-last memory format
                     images = images.permute(0, 3, 1, 2)
-                labels = parse_cls(batch["labels"])
-                if self.train:
-                    yield images, labels, None
-                else:
-                    where = batch["where"].cpu().numpy()
-                    keys = [key_of(bytes(row).rstrip(b"\0").decode().rsplit(":", 2)[2]) for row in where]
-                    yield images, labels, keys
+                where = batch["where"].numpy()
+                keys = [key_of(bytes(row).rstrip(b"\0").decode().rsplit(":", 2)[2]) for row in where]
+                labels, good = self._labels(batch["labels"].numpy(), where, keys, epoch_losses)
+                if len(good) < len(keys):  # rare: only when a label is bad
+                    images = images.index_select(0, torch.tensor(good, device=images.device))
+                    keys = [keys[i] for i in good]
+                if self.train and (carry or len(good) < self.batch_size):
+                    carry.append((images.clone(), labels))  # DALI reuses its output memory
+                    if sum(len(y) for _, y in carry) < self.batch_size:
+                        continue
+                    images, labels, carry = pool(carry, self.batch_size)
+                labels = labels.to(images.device, non_blocking=True)
+                yield images, labels, None if self.train else keys
+        self.losses += epoch_losses.values()
+        warn_losses(list(epoch_losses.values()), self.stream, self.skipped)
+
+    def _labels(self, raw: np.ndarray, where: np.ndarray, keys: list[str], losses: dict) -> tuple[torch.Tensor, list]:
+        """The batch's labels, parsed on the host (no device sync), and the rows whose label is good."""
+        labels, good = [], []
+        for row, (label_bytes, key) in enumerate(zip(raw, keys)):
+            try:
+                labels.append(parse_label(bytes(label_bytes).rstrip(b"\0"), self.stream))
+                good.append(row)
+            except ValueError as e:
+                add_loss(losses, bytes(where[row]).rstrip(b"\0").decode().rsplit(":", 2)[0], key, 1, str(e))
+        return torch.tensor(labels, dtype=torch.long), good
+
+
+def samples_missing_components(stream: Stream, tars: list[str], indexes: list[str]) -> dict[str, Loss]:
+    """Samples whose index line lacks one of the stream's components (DALI's reader skips them), by shard."""
+    losses: dict[str, Loss] = {}
+    for tar, index in zip(tars, indexes):
+        for line in read_index(index):
+            entries = index_entries(line)
+            missing = set(stream.exts + ["cls"]) - {ext for ext, *_ in entries}
+            if missing:
+                add_loss(losses, tar, key_of(entries[0][3]), 1, f"missing its {', '.join(sorted(missing))}")
+    return losses

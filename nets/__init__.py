@@ -63,11 +63,14 @@ def cross_modality(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 
 
 def build(arch: str, num_classes: int, modality: str = "rgb", flow_len: int = 1,
-          pretrained: str | Path | None = None) -> nn.Module:
+          pretrained: str | Path | None = None, transform_input: bool | None = None) -> nn.Module:
     """A torchvision `arch` for `num_classes`, 3 input channels for rgb or 3 x flow_len for flow.
 
     pretrained: None (random init), a local torchvision ImageNet state dict (.pth), or
     "imagenet" for torchvision's weights API (downloads once, needs internet).
+    transform_input (InceptionV3): whether the network maps its inputs to Google's [-1, 1]
+    range; default: for RGB from ImageNet weights. A network rebuilt from a checkpoint must
+    keep what it was trained with (transform_input_of), it is not among the weights.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
@@ -86,7 +89,7 @@ def build(arch: str, num_classes: int, modality: str = "rgb", flow_len: int = 1,
     if arch == "inception_v3":
         # Google's weights expect inputs in [-1, 1]; transform_input maps ImageNet-normalised
         # RGB there. Flow is not RGB, so it is fed as it comes.
-        model.transform_input = pretrained is not None and modality == "rgb"
+        model.transform_input = (pretrained is not None and modality == "rgb") if transform_input is None else transform_input
     if modality == "flow":
         path = FIRST_CONV.get(arch, "conv1")
         _set(model, path, cross_modality(_get(model, path), 3 * flow_len))
@@ -94,6 +97,19 @@ def build(arch: str, num_classes: int, modality: str = "rgb", flow_len: int = 1,
         old = _get(model, path)
         _set(model, path, nn.Linear(old.in_features, num_classes))
     return model
+
+
+def transform_input_of(ckpt: dict) -> bool:
+    """Whether a train.py checkpoint's InceptionV3 maps its inputs (see build); older checkpoints say it through their arguments."""
+    if "transform_input" in ckpt:
+        return ckpt["transform_input"]
+    a = ckpt["args"]
+    return a["arch"] == "inception_v3" and a.get("pretrained") is not None and a["modality"] == "rgb"
+
+
+def classifier_keys(arch: str) -> list[str]:
+    """The state-dict keys of an architecture's classifier layers (made anew for another class list)."""
+    return [f"{path}.{p}" for path in CLASSIFIERS.get(arch, ["fc"]) for p in ("weight", "bias")]
 
 
 def loss_fn(outputs, labels: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,22 @@
-"""Pack Kinetics videos into WebDataset shards of RGB frames and optical flow.
+"""Pack videos into WebDataset shards of RGB frames and optical flow, from the annotations as published.
 
-    python -m pack --csv kinetics_train.csv --videos videos/ --out data/ --workers 8
+    python -m pack --csv kinetics400/train.csv --videos kinetics400/train --out data --workers 16
+    python -m pack --ucf101 ucfTrainTestlist --fold 1 --videos UCF-101 --out data/ucf101-1
+    python -m pack --hmdb51 testTrainMulti_7030_splits --fold 1 --videos hmdb51 --out data/hmdb51-1
+    python -m pack --list train.txt --split train --videos clips --out data     # "relative/path label" lines
+    python -m pack --folders clips/train --split train --out data               # a sub-folder per class
 
-Re-run the same command after a crash or kill: finished shard groups are kept, the rest
-is redone. See docs/FORMAT.md for what is written.
+UCF101 and HMDB51 pack both splits of the fold: train, and val from its test list. Re-run the
+same command after a crash or kill: finished shard groups are kept, the rest is redone. In
+a Slurm job array, each task packs its part (SLURM_ARRAY_TASK_ID); then python -m pack.merge.
+See docs/FORMAT.md for what is written.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import multiprocessing as mp
+import os
 import queue
 import random
 import sys
@@ -20,23 +27,37 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from .csvs import SPLIT_ALIASES, Clip, class_list, read_class_file, read_clips
-from .manifest import load_manifest, read_json, write_manifest
+from .annotations import (AnnotationError, Annotations, Clip, check_disjoint, class_list, deduplicated, read_class_file,
+                          read_folders, read_hmdb51, read_kinetics, read_list, read_ucf101, SPLIT_ALIASES)
+from .files import Lock, atomic_write_json, check_output_dir
+from .manifest import load_manifest, plan_id, read_json, write_manifest
 from .packer import PackParams, pack_group
-from .shards import atomic_write_json
-from .video import index_videos
+from .shards import sample_key
+from .video import VideoError, VideoIndex
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     d = PackParams()
     p = argparse.ArgumentParser(prog="python -m pack", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--csv", required=True, type=Path, help="Kinetics annotation CSV (label,youtube_id,time_start,time_end,split)")
-    p.add_argument("--videos", required=True, type=Path, help="folder holding the videos, in any sub-folder layout")
+    g = p.add_argument_group("annotations (one of)").add_mutually_exclusive_group(required=True)
+    g.add_argument("--csv", type=Path, help="Kinetics annotation CSV (label,youtube_id,time_start,time_end,split), "
+                                            "400, 600 or 700")
+    g.add_argument("--ucf101", type=Path, metavar="DIR", help="UCF101's ucfTrainTestlist folder (classInd.txt, "
+                                                              "trainlistK.txt, testlistK.txt): packs train and val")
+    g.add_argument("--hmdb51", type=Path, metavar="DIR", help="HMDB51's split folder (<class>_test_splitK.txt files): "
+                                                              "packs train and val")
+    g.add_argument("--list", type=Path, metavar="FILE", help="a list file, 'relative/path label' a line (a class name, "
+                                                             "or a 0-based index into --classes); needs --split")
+    g.add_argument("--folders", type=Path, metavar="DIR", help="DIR/<class>/<videos>: every video under a class's "
+                                                               "folder; needs --split")
+    p.add_argument("--fold", type=int, default=1, choices=[1, 2, 3], help="UCF101's or HMDB51's fold")
+    p.add_argument("--videos", type=Path, help="folder holding the videos, in any sub-folder layout (not with --folders)")
     p.add_argument("--out", required=True, type=Path, help="DATA folder; shards go to DATA/{split}/{rgb,flow}/")
-    p.add_argument("--split", help="which split of the CSV to pack (default: the CSV's only split)")
-    p.add_argument("--classes", type=Path, help="class list, one per line (default: sorted labels of the CSV, "
-                   "or the classes already in DATA so val/test share train's order)")
+    p.add_argument("--split", help="--csv: which split of the CSV to pack (default: its only one); --list, --folders: "
+                                   "the split's name (train, val, test, ...)")
+    p.add_argument("--classes", type=Path, help="class list, one per line (default: the layout's, the sorted labels, "
+                                                "or the classes already in DATA so val/test share train's order)")
     p.add_argument("--workers", type=int, default=mp.cpu_count(), help="processes packing in parallel (default: all cores)")
     p.add_argument("--stride", type=int, default=d.stride, help="keep one sample every N frames (the baseline's frame_step)")
     p.add_argument("--flow", choices=["farneback", "dis"], default=d.flow, help="optical flow method: farneback (the baseline's) or dis (ultrafast, ~20x quicker)")
@@ -47,34 +68,80 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-videos", type=int, default=d.shard_videos, help="videos per shard group (the unit of parallel work and resume)")
     p.add_argument("--shard-mb", type=int, default=d.shard_mb, help="start a new shard past this many MB")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the video order across shards")
-    p.add_argument("--part", type=int, default=0, help="pack only part I of --num-parts (for several machines)")
-    p.add_argument("--num-parts", type=int, default=1, help="how many parts the split is packed in")
+    p.add_argument("--part", type=int, help="pack only part I of --num-parts (several machines; default: the Slurm "
+                                            "array task's, else 0)")
+    p.add_argument("--num-parts", type=int, help="how many parts the split is packed in (default: the Slurm array's "
+                                                 "task count, else 1)")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any video could not be packed")
     return p
 
 
-def choose_split(clips: list[Clip], split: str | None, csv: Path) -> str:
-    splits = sorted({c.split for c in clips})
+def read_annotations(args) -> Annotations:
+    """The clips of each split to pack, from whichever layout was given."""
+    if (args.videos is None) != (args.folders is not None):
+        raise SystemExit("error: --folders holds the videos itself: drop --videos" if args.folders else
+                         "error: --videos FOLDER is needed: where the videos are")
+    if (args.list or args.folders) and not args.split:
+        raise SystemExit("error: --list and --folders need --split NAME (train, val, test, ...): the split they make")
+    if (args.ucf101 or args.hmdb51) and args.split:
+        raise SystemExit("error: --ucf101 and --hmdb51 pack both splits of the fold (train and val): drop --split")
+    given = read_class_file(args.classes) if args.classes else None
+    if args.csv:
+        annotations = read_kinetics(args.csv)
+        split = choose_split(list(annotations.splits), args.split, args.csv)
+        annotations.splits = {split: annotations.splits[split]}
+    elif args.ucf101:
+        annotations = read_ucf101(args.ucf101, args.fold)
+    elif args.hmdb51:
+        annotations = read_hmdb51(args.hmdb51, args.fold)
+    elif args.list:
+        annotations = read_list(args.list, args.split, given)
+    else:
+        annotations = read_folders(args.folders, args.split)
+    annotations.splits = {s: deduplicated(clips) for s, clips in annotations.splits.items()}
+    check_disjoint(annotations)
+    return annotations
+
+
+def choose_split(splits: list[str], split: str | None, csv: Path) -> str:
     split = SPLIT_ALIASES.get(split, split)
     if split is None:
         if len(splits) != 1:
-            raise SystemExit(f"error: {csv} holds splits {splits}; choose one with --split")
-        return splits[0] or "train"
+            raise SystemExit(f"error: {csv} holds splits {sorted(splits)}; choose one with --split")
+        return splits[0]
     if split not in splits:
-        raise SystemExit(f"error: {csv} has no split {split!r}; it has {splits}")
+        raise SystemExit(f"error: {csv} has no split {split!r}; it has {sorted(splits)}")
     return split
+
+
+def choose_part(args) -> tuple[int, int, str]:
+    """(part, parts, how they were chosen): the flags, else a Slurm job array's task, else the whole split."""
+    if args.part is not None or args.num_parts is not None:
+        part, parts, how = args.part or 0, args.num_parts or 1, "--part/--num-parts"
+    elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        task, first = int(os.environ["SLURM_ARRAY_TASK_ID"]), int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        part, parts = task - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        how = f"the Slurm job array (task {task} of {first}..{first + parts - 1})"
+    else:
+        return 0, 1, ""
+    if not 0 <= part < parts:
+        raise SystemExit(f"error: part {part} is not in 0..{parts - 1} ({how})")
+    return part, parts, how
 
 
 def plan_groups(clips: list[Clip], classes: list[str], p: PackParams) -> list[list[dict]]:
     """A seeded shuffle of the videos, cut into groups: a shard never holds one class only."""
-    seen, videos = set(), []
-    for c in clips:
-        if c.video_id not in seen:
-            seen.add(c.video_id)
-            videos.append({"id": c.video_id, "youtube_id": c.youtube_id, "label": c.label,
-                           "cls": classes.index(c.label) if c.label is not None else -1})
+    videos = [{"id": c.video_id, "youtube_id": c.youtube_id, "label": c.label,
+               "cls": classes.index(c.label) if c.label is not None else -1,
+               **({"key": sample_key(c.video_id)} if sample_key(c.video_id) != c.video_id else {}),
+               **({"file": c.path} if c.path else {})} for c in clips]
     random.Random(p.seed).shuffle(videos)
     return [videos[i:i + p.shard_videos] for i in range(0, len(videos), p.shard_videos)]
+
+
+def same_plan(old: dict, new: dict) -> bool:
+    """Whether a split's existing plan is this run's (plans written before they recorded their source match without it)."""
+    return old == (new if "source" in old else {k: v for k, v in new.items() if k != "source"})
 
 
 def existing_classes(out: Path) -> list[str] | None:
@@ -84,62 +151,104 @@ def existing_classes(out: Path) -> list[str] | None:
         return None
 
 
+def locate(videos: list[dict], index: VideoIndex) -> dict[str, tuple[Path | None, str | None]]:
+    """Each video's file (by its path, else its id, else its YouTube id), or why none: {id: (path, reason)}.
+
+    A `{youtube_id}.mp4` that two clips (two time ranges) would both be read from is theirs
+    to neither: which range the file holds cannot be told.
+    """
+    found, by_youtube = {}, {}
+    for v in videos:
+        try:
+            path = index.find(v["id"], path=v.get("file"))
+            if path is None and v["youtube_id"]:
+                path = index.find(v["youtube_id"])
+                if path is not None:
+                    by_youtube.setdefault(path, []).append(v["id"])
+        except VideoError as e:
+            found[v["id"]] = (None, str(e))
+            continue
+        found[v["id"]] = (path, None) if path else (None, "missing: no video file with this name under --videos")
+    for path, ids in by_youtube.items():
+        if len(ids) > 1:
+            for vid in ids:
+                found[vid] = (None, f"ambiguous: {path.name} is the file of {len(ids)} clips ({', '.join(ids[:3])}): "
+                                    f"which time range it holds cannot be told; name the files as the crawler does, "
+                                    f"{{youtube_id}}_{{start:06d}}_{{end:06d}}.mp4")
+    return found
+
+
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # the pool is the parallelism
 
 
 def main(args: argparse.Namespace) -> int:
-    if not 0 <= args.part < args.num_parts:
-        raise SystemExit(f"error: --part must be in 0..{args.num_parts - 1}")
-    params = PackParams(stride=args.stride, flow=args.flow, flow_len=args.flow_len, flow_bound=args.flow_bound,
-                        short_side=args.short_side, quality=args.quality, shard_videos=args.shard_videos,
-                        shard_mb=args.shard_mb, seed=args.seed)
-    clips = read_clips(args.csv)
-    split = choose_split(clips, args.split, args.csv)
-    clips = [c for c in clips if c.split == split or (not c.split and split == "train")]
+    part, parts, how = choose_part(args)
+    if how:
+        print(f"packing part {part} of {parts} (0..{parts - 1}), from {how}")
+    try:
+        annotations = read_annotations(args)
+    except AnnotationError as e:
+        raise SystemExit(f"error: {e}") from None
+    check_output_dir(args.out, "--out")
     given = read_class_file(args.classes) if args.classes else existing_classes(args.out)
     if given and not args.classes:
         print(f"using the {len(given)} classes already in {args.out / 'classes.txt'}")
-    try:
-        classes = class_list(clips, given)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    groups = plan_groups(clips, classes, params)
+    if given and annotations.classes and given != annotations.classes:
+        raise SystemExit(f"error: {args.out} holds another class list ({len(given)} classes) than these annotations' "
+                         f"({len(annotations.classes)}); pack them into another --out")
+    params = PackParams(stride=args.stride, flow=args.flow, flow_len=args.flow_len, flow_bound=args.flow_bound,
+                        short_side=args.short_side, quality=args.quality, shard_videos=args.shard_videos,
+                        shard_mb=args.shard_mb, seed=args.seed)
+    index = VideoIndex(args.videos or args.folders)
+    failed = False
+    for split, clips in annotations.splits.items():
+        try:
+            classes = class_list(clips, given or annotations.classes)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        plan = {"params": dataclasses.asdict(params), "classes": classes, "groups": plan_groups(clips, classes, params),
+                "source": annotations.sources.get(split)}
+        failed |= pack_split(args, split, plan, index, part, parts)
+        given = given or classes
+    return 1 if args.strict and failed else 0
 
+
+def pack_split(args, split: str, plan: dict, index: VideoIndex, part: int, parts: int) -> bool:
+    """Pack this part of one split's plan (what is not done yet); rebuild the manifest. Whether any video failed."""
     split_dir = args.out / split
-    plan = {"params": dataclasses.asdict(params), "classes": classes, "groups": groups}
     plan_path = split_dir / "plan.json"
-    if plan_path.exists() and read_json(plan_path) != plan:
-        raise SystemExit(f"error: {split_dir} was packed from another CSV or with other parameters; "
-                         f"re-run with the same arguments, or pack into a new --out")
     for d in ("rgb", "flow", "records"):
         (split_dir / d).mkdir(parents=True, exist_ok=True)
-    if not plan_path.exists():
-        atomic_write_json(plan_path, plan)
-
-    on_disk = index_videos(args.videos)
-    mine = [g for g in range(len(groups)) if g % args.num_parts == args.part]
-    todo = [g for g in mine if not (split_dir / "records" / f"{g:05d}.json").exists()]
-    for g in todo:  # temporaries of a killed run of this part: shards, indexes, records
-        for tmp in split_dir.glob(f"*/.*{g:05d}*.tmp*"):
-            tmp.unlink()
-    jobs = {g: [{**v, "path": str(on_disk.get(v["id"]) or on_disk.get(v["youtube_id"]) or "") or None}
-                for v in groups[g]] for g in todo}
-    n_videos = sum(len(j) for j in jobs.values())
-    print(f"{split}: {sum(len(g) for g in groups)} videos in {len(groups)} groups; part {args.part}/{args.num_parts}: "
-          f"{len(mine)} groups, {len(mine) - len(todo)} already done, packing {n_videos} videos "
-          f"with {args.workers} workers ({params.flow} flow)")
-
-    records, start = run_jobs(split_dir, jobs, params, args.workers, n_videos)
-    wall = time.perf_counter() - start
+    with Lock(split_dir / f".pack-part{part}-of-{parts}.lock").acquire(f"{split_dir} (part {part} of {parts})"):
+        if plan_path.exists() and not same_plan(read_json(plan_path), plan):
+            raise SystemExit(f"error: {split_dir} was packed from other annotations or with other parameters; "
+                             f"re-run with the same arguments, or pack into a new --out")
+        if not plan_path.exists():
+            atomic_write_json(plan_path, plan)
+        groups, params = plan["groups"], PackParams(**plan["params"])
+        mine = [g for g in range(len(groups)) if g % parts == part]
+        todo = [g for g in mine if not (split_dir / "records" / f"{g:05d}.json").exists()]
+        for g in todo:  # temporaries of a killed run of this part: shards, indexes, records
+            for tmp in split_dir.glob(f"*/.*{g:05d}*.tmp*"):
+                tmp.unlink()
+        where = locate([v for g in todo for v in groups[g]], index)
+        jobs = {g: [{**v, "path": where[v["id"]][0], "reason": where[v["id"]][1]} for v in groups[g]] for g in todo}
+        n_videos = sum(len(j) for j in jobs.values())
+        print(f"{split}: {sum(len(g) for g in groups)} videos in {len(groups)} groups; part {part}/{parts}: "
+              f"{len(mine)} groups, {len(mine) - len(todo)} already done, packing {n_videos} videos "
+              f"with {args.workers} workers ({params.flow} flow)")
+        records, start = run_jobs(split_dir, jobs, params, args.workers, n_videos, {"plan": plan_id(plan),
+                                                                                    "part": [part, parts]})
+        wall = time.perf_counter() - start
     manifest = write_manifest(args.out)
     report(records, manifest["splits"][split], wall, args)
-    if not manifest["splits"][split]["complete"] and args.num_parts > 1:
+    if not manifest["splits"][split]["complete"] and parts > 1:
         print(f"other parts are not finished yet; once they are: python -m pack.merge {args.out}")
-    return 1 if args.strict and manifest["splits"][split]["failed"] else 0
+    return bool(manifest["splits"][split]["failed"])
 
 
-def run_jobs(split_dir: Path, jobs: dict, params: PackParams, workers: int, n_videos: int):
+def run_jobs(split_dir: Path, jobs: dict, params: PackParams, workers: int, n_videos: int, stamp: dict):
     """Pack groups in a process pool, with a progress bar fed per video."""
     records = []
     start = time.perf_counter()
@@ -162,11 +271,11 @@ def run_jobs(split_dir: Path, jobs: dict, params: PackParams, workers: int, n_vi
         if workers <= 1:
             _init_worker()
             for g, videos in jobs.items():
-                records.append(pack_group(split_dir, g, videos, params, progress))
+                records.append(pack_group(split_dir, g, videos, params, progress, stamp))
                 drain(0)
         else:
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker) as pool:
-                pending = {pool.submit(pack_group, split_dir, g, v, params, progress) for g, v in jobs.items()}
+                pending = {pool.submit(pack_group, split_dir, g, v, params, progress, stamp) for g, v in jobs.items()}
                 while pending:
                     done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                     records += [f.result() for f in done]

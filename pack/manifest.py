@@ -6,10 +6,12 @@ so it can always be rebuilt (after a resumed run, or to join parts packed elsewh
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
-from .shards import atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
 
@@ -19,8 +21,28 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
+def plan_id(plan: dict) -> str:
+    """A short hash of a split's plan: every part's records carry it, so parts of another plan are told apart."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def missing_parts(split: dict) -> str:
+    """Which parts of an incomplete split have not finished, as far as the finished ones tell."""
+    missing = split["groups_missing"]
+    parts = split["parts"]
+    if not parts:
+        return f"no group has finished yet ({len(missing)} to pack)"
+    lacking = sorted({g % parts for g in missing})
+    return (f"part(s) {', '.join(map(str, lacking))} of {parts} (0..{parts - 1}) have not finished: groups "
+            f"{', '.join(map(str, missing[:8]))}{' ...' if len(missing) > 8 else ''} have no record")
+
+
 def build_manifest(data: Path) -> dict:
-    """Join every split's plan and group records under DATA into one manifest."""
+    """Join every split's plan and group records under DATA into one manifest.
+
+    A record of another plan (a part packed with other parameters or annotations, then
+    copied here) is an error: its shards do not belong to this split.
+    """
     data = Path(data)
     classes, splits = None, {}
     for plan_path in sorted(data.glob("*/plan.json")):
@@ -32,12 +54,18 @@ def build_manifest(data: Path) -> dict:
                                  f"other splits; pack it again with --classes {data / 'classes.txt'}")
             classes = plan["classes"]
         shards = {"rgb": [], "flow": []}
-        videos, failed, done = {}, {}, 0
+        videos, failed, done, missing, parts, foreign = {}, {}, 0, [], Counter(), []
+        expected = plan_id(plan)
         for group in range(len(plan["groups"])):
             record_path = split_dir / "records" / f"{group:05d}.json"
             if not record_path.exists():
+                missing.append(group)
                 continue
             record = read_json(record_path)
+            if record.get("plan", expected) != expected:
+                foreign.append(f"group {group} (part {record['part'][0]} of {record['part'][1]})")
+                continue
+            parts[record.get("part", [0, 1])[1]] += 1
             done += 1
             for modality, pieces in record["shards"].items():
                 for piece in pieces:
@@ -45,11 +73,18 @@ def build_manifest(data: Path) -> dict:
                                              "idx": f"{split_dir.name}/{modality}/{piece['idx']}"})
             videos.update(record["videos"])
             failed.update(record["failed"])
+        if foreign:
+            raise ValueError(f"{split_dir}: {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''} were packed "
+                             f"with other parameters or annotation files than {plan_path.name} says: re-pack them with "
+                             f"the same command as the other parts (remove their records/ files first)")
         splits[split_dir.name] = {
             "complete": done == len(plan["groups"]),
             "groups_done": done,
             "groups_total": len(plan["groups"]),
+            "groups_missing": missing,
+            "parts": parts.most_common(1)[0][0] if parts else None,
             "params": plan["params"],
+            "source": plan.get("source"),
             "samples": sum(v["samples"] for v in videos.values()),
             "videos": len(videos),
             "shards": shards,
@@ -63,7 +98,7 @@ def write_manifest(data: Path) -> dict:
     manifest = build_manifest(data)
     atomic_write_json(Path(data) / "manifest.json", manifest)
     if manifest["classes"]:
-        (Path(data) / "classes.txt").write_text("\n".join(manifest["classes"]) + "\n", encoding="utf-8")
+        atomic_write_bytes(Path(data) / "classes.txt", ("\n".join(manifest["classes"]) + "\n").encode())
     return manifest
 
 

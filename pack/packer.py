@@ -11,7 +11,8 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from .flow import FlowFn, encode_flow, make_flow_fn
-from .shards import ShardWriter, atomic_write_json
+from .files import atomic_write_json
+from .shards import ShardWriter
 from .video import VideoError, decode_frames, resized_size, to_bgr
 
 
@@ -135,11 +136,13 @@ def video_samples(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer):
     return n
 
 
-def pack_group(split_dir: Path, group: int, videos: list[dict], p: PackParams, progress=None) -> dict:
+def pack_group(split_dir: Path, group: int, videos: list[dict], p: PackParams, progress=None,
+               stamp: dict | None = None) -> dict:
     """Pack a group of videos into rgb/ and flow/ shards, then write its record (the commit mark).
 
-    videos: [{"id", "label", "cls", "path" or None}]. Returns the record also written to
-    `records/{group:05d}.json`; a group with a record is finished and never redone.
+    videos: [{"id", "label", "cls", "path" (None: "reason" says why), "key" if not the id}].
+    Returns the record also written to `records/{group:05d}.json`, with `stamp` (the plan's id
+    and the part that packed it); a group with a record is finished and never redone.
     """
     timer = Timer()
     flow_fn = make_flow_fn(p.flow)
@@ -150,7 +153,7 @@ def pack_group(split_dir: Path, group: int, videos: list[dict], p: PackParams, p
         for v in videos:
             frames = count = 0
             if v["path"] is None:
-                failed[v["id"]] = "missing: no video file with this name under --videos"
+                failed[v["id"]] = v.get("reason") or "missing: no video file with this name under --videos"
             else:
                 try:
                     # A whole video is encoded before any of it is written: a video that
@@ -159,15 +162,15 @@ def pack_group(split_dir: Path, group: int, videos: list[dict], p: PackParams, p
                 except VideoError as e:
                     failed[v["id"]] = str(e)
                 else:
-                    cls = str(v["cls"]).encode()
+                    cls, name = str(v["cls"]).encode(), v.get("key", v["id"])
                     for t, rgb, flows in samples:
-                        key = f"{v['id']}/{t:06d}"
+                        key = f"{name}/{t:06d}"
                         writers["rgb"].write(key, {"rgb.jpg": rgb, "cls": cls})
                         writers["flow"].write(key, {**{f"flow{k}.jpg": f for k, f in enumerate(flows)}, "cls": cls})
                     timer.lap("write")
                     count = len(samples)
                     packed[v["id"]] = {"youtube_id": v["youtube_id"], "label": v["label"], "cls": v["cls"],
-                                       "frames": frames, "samples": count}
+                                       "frames": frames, "samples": count, **({"key": name} if name != v["id"] else {})}
             if progress is not None:
                 progress.put((frames, count))
         for w in writers.values():
@@ -178,6 +181,7 @@ def pack_group(split_dir: Path, group: int, videos: list[dict], p: PackParams, p
             w.abort()
         raise
     record = {
+        **(stamp or {}),
         "group": group,
         "shards": {m: w.finished for m, w in writers.items()},
         "videos": packed,

@@ -1,28 +1,34 @@
 """Writing WebDataset tar shards with their DALI index, never leaving a partial file behind."""
 from __future__ import annotations
 
+import hashlib
 import io
-import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
+from .files import atomic_write_bytes
+
 # DALI's wds2idx format: "v1.2 <samples>", then per sample "ext offset size name ..." triples.
 INDEX_VERSION = "v1.2"
+# What a sample key may hold: the index separates fields with spaces, the readers split a member's name at its
+# first dot, and a USTAR name holds 100 bytes ("{key}/000000.flow15.jpg" fits with a key of 80).
+SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+MAX_KEY = 80
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def sample_key(video_id: str) -> str:
+    """The name a video's samples go under in the shards: its id where the tar and index formats can carry it.
 
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+    An id with anything else (spaces, dots, brackets, &, #, non-ASCII letters, ...) or a long one
+    gets a safe form of itself and a hash of the id (unique); the manifest's video_info keeps
+    the id, and the results are keyed by it.
+    """
+    if SAFE_KEY.fullmatch(video_id) and len(video_id) <= MAX_KEY:
+        return video_id
+    safe = "/".join(part for part in re.sub(r"[^A-Za-z0-9/-]+", "_", video_id).split("/") if part.strip("_"))
+    return f"{safe[:MAX_KEY - 13] or 'video'}_{hashlib.sha1(video_id.encode()).hexdigest()[:12]}"
 
 
 class ShardWriter:
@@ -81,3 +87,56 @@ class ShardWriter:
             self._file.close()
             self._tmp.unlink(missing_ok=True)
             self._tar = None
+
+
+# ---------------------------------------------------------------- reading them back
+
+
+def key_of(member_name: str) -> str:
+    """Sample key of a tar member name: `vid/000012.rgb.jpg` -> `vid/000012` (WebDataset's rule)."""
+    dot = member_name.find(".", member_name.rfind("/") + 1)
+    return member_name[:dot]
+
+
+def index_entries(line: str) -> list[tuple[str, int, int, str]]:
+    """One sample's line of a wds2idx index: (ext, offset, size, member name) per component; ValueError if garbled."""
+    fields = line.split()
+    if not fields or len(fields) % 4:
+        raise ValueError(f"index line {line[:80]!r} is not 'ext offset size name' groups (a name with a space?)")
+    return [(ext, int(start), int(size), name) for ext, start, size, name in
+            zip(fields[0::4], fields[1::4], fields[2::4], fields[3::4])]
+
+
+def readable_prefix(lines: list[str], file_size: int) -> int:
+    """How many samples, from the first, a shard of file_size bytes holds whole (fewer than its index lists if cut short)."""
+    for i, line in enumerate(lines):
+        if any(start + size > file_size for _, start, size, _ in index_entries(line)):
+            return i
+    return len(lines)
+
+
+def read_index(index: str) -> list[str]:
+    """A shard index's sample lines (after its `v1.2 <samples>` header); ValueError if it is not one."""
+    with open(index, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    header = lines[0].split() if lines else []
+    if len(header) != 2 or not header[1].isdigit() or int(header[1]) != len(lines) - 1:
+        raise ValueError(f"{index} is not a whole shard index (header {lines[0][:40] if lines else ''!r}, "
+                         f"{max(len(lines) - 1, 0)} lines)")
+    return lines[1:]
+
+
+LABEL = re.compile(rb"-?[0-9]{1,8}")
+
+
+def parse_label(raw: bytes, num_classes: int, labelled: bool = True) -> int:
+    """A sample's `cls` bytes -> its label; ValueError unless ASCII digits in the split's range (0..C-1, or -1 unlabelled)."""
+    raw = bytes(raw)
+    if not LABEL.fullmatch(raw):
+        raise ValueError(f"bad label {raw[:12]!r}: not an integer")
+    label = int(raw)
+    if labelled and not 0 <= label < num_classes:
+        raise ValueError(f"label {label} out of range: the data has {num_classes} classes")
+    if not labelled and label != -1:
+        raise ValueError(f"label {label} in a split packed without labels (-1)")
+    return label

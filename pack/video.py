@@ -1,6 +1,7 @@
 """Finding videos on disk and decoding them in-process with PyAV (FFmpeg)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,16 +16,49 @@ class VideoError(Exception):
     """A video that cannot be packed; the message is the reason recorded in the manifest."""
 
 
-def index_videos(root: str | Path) -> dict[str, Path]:
-    """Map file stem -> path for every video under root, in any sub-folder layout."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--videos {root}: no such folder")
-    found: dict[str, Path] = {}
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
-            found.setdefault(path.stem, path)
-    return found
+def walk_files(root: Path):
+    """Every file under root, in sorted order, following links to folders (each real folder once: no loops)."""
+    seen = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in sorted(files):
+            yield Path(folder) / name
+
+
+class VideoIndex:
+    """The videos under a folder, in any sub-folder layout (links followed), found by relative path or by file stem."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"--videos {self.root}: no such folder")
+        self.by_path: dict[str, Path] = {}
+        self.by_stem: dict[str, list[Path]] = {}
+        for path in walk_files(self.root):
+            if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
+                self.by_path[path.relative_to(self.root).as_posix()] = path
+                self.by_stem.setdefault(path.stem, []).append(path)
+
+    def find(self, *stems: str, path: str | None = None) -> Path | None:
+        """A video by its relative path, else by the first of stems that names exactly one file.
+
+        VideoError if a stem names several files (which one is meant cannot be told).
+        """
+        if path is not None and path in self.by_path:
+            return self.by_path[path]
+        for stem in stems:
+            found = self.by_stem.get(stem, [])
+            if len(found) > 1:
+                raise VideoError(f"ambiguous: {len(found)} files named {stem}.* under --videos "
+                                 f"({', '.join(str(f.relative_to(self.root)) for f in found[:3])})")
+            if found:
+                return found[0]
+        return None
 
 
 def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:

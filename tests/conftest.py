@@ -57,11 +57,50 @@ def trained(data, tmp_path_factory) -> dict:
             "--data", str(data), "--modality", modality, "--arch", "resnet18", "--input-size", "48",
             "--batch-size", "16", "--lr", "0.01", "--max-iterations", "150", "--step-values", "110",
             "--val-every", "75", "--val-batches", "4", "--ckpt-every", "75", "--workers", "2", "--log-every", "10",
-            "--save-dir", str(save)]))
+            "--deterministic", "--save-dir", str(save)]))
         scores = root / f"{modality}_val.npz"
         score.main(score.get_args_parser().parse_args([
             "--checkpoint", str(save / "latest.pt"), "--data", str(data), "--split", "val", "--out", str(scores),
             "--workers", "1"]))
         out[modality], out[f"{modality}_npz"] = save, scores
         out[f"{modality}_scores"] = dict(np.load(scores))
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_folders(tmp_path_factory) -> dict:
+    """Real footage as class folders, packed: 8-frame segments of the three test clips at short side 64.
+
+    source: street (bikes.mp4) and car (carphone_pristine.mp4), the even segments; target: other classes, indoors
+    (the car's odd segments) and outdoors (the street's odd ones and g1.avi's schoolyard).
+    """
+    import av
+    import cv2
+
+    from pack.synth import write_video
+
+    root = tmp_path_factory.mktemp("real")
+
+    def frames(path, short=64):
+        with av.open(str(path)) as container:
+            images = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        h, w = images[0].shape[:2]
+        size = (round(w * short / min(h, w)) // 2 * 2, round(h * short / min(h, w)) // 2 * 2)
+        return [cv2.resize(image, size, interpolation=cv2.INTER_AREA) for image in images]
+
+    plan = {"source": [("bikes.mp4", "street", 0), ("carphone_pristine.mp4", "car", 0)],
+            "target": [("bikes.mp4", "outdoors", 1), ("carphone_pristine.mp4", "indoors", 1), ("g1.avi", "outdoors", None)]}
+    out = {}
+    for task, clips in plan.items():
+        for clip, label, parity in clips:
+            images = frames(DATA / clip)
+            for k in range(len(images) // 8):
+                if parity is None or k % 2 == parity:
+                    folder = root / task / label
+                    folder.mkdir(parents=True, exist_ok=True)
+                    write_video(folder / f"{Path(clip).stem}_{k:03d}.mp4", images[8 * k:8 * k + 8], 25, "libx264")
+        out[task] = root / f"data-{task}"
+        assert run_pack("--folders", root / task, "--split", "train", "--out", out[task], "--stride", "2",
+                        "--short-side", "48", "--flow-len", "2", "--flow", "dis", "--workers", "2",
+                        "--shard-videos", "4") == 0
     return out

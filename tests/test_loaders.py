@@ -1,10 +1,16 @@
 """Both loaders over real shards: same eval output, train augmentation, DDP split, bad input."""
 from __future__ import annotations
 
+import io
+import json
+import random
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +19,11 @@ import torch
 
 import loaders
 from loaders.common import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
+from conftest import ROOT
 from pack.manifest import load_manifest, write_manifest
 from pack.packer import PackParams
-from pack.shards import ShardWriter, atomic_write_json
+from pack.files import atomic_write_json
+from pack.shards import ShardWriter
 
 BACKENDS = ["cpu", "dali"]
 
@@ -104,6 +112,22 @@ def test_train_crops_flips_and_flow_x_negation(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_no_flip_mirrors_nothing(tmp_path, backend):
+    """--no-flip (classes where left and right differ): training never mirrors a sample."""
+    samples = [(f"v{i:03d}/000000", {"rgb.jpg": asymmetric(90), "flow0.jpg": asymmetric(200), "cls": b"0"}) for i in range(64)]
+    make_split(tmp_path, "train", samples)
+    for modality in ("rgb", "flow"):
+        images, _, _ = all_batches(loaders.build(tmp_path, "train", modality, True, 16, crop=40, backend=backend,
+                                                 device="cpu", workers=2, flip=False))
+        mean = torch.tensor(IMAGENET_MEAN if modality == "rgb" else [FLOW_MEAN] * 3).view(1, -1, 1, 1)
+        std = torch.tensor(IMAGENET_STD if modality == "rgb" else [FLOW_STD] * 3).view(1, -1, 1, 1)
+        raw = images * std + mean
+        assert len(images) == 64 and (raw[:, 1, :, :20].mean((1, 2)) < raw[:, 1, :, 20:].mean((1, 2))).all()
+        if modality == "flow":
+            assert torch.allclose(raw[:, 0].mean((1, 2)), torch.full((64,), 200.0), atol=3)  # x never negated
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_images_of_a_flow_sample_share_one_window_and_flip(tmp_path, backend):
     """Flow x5 stacks five images of one place and time: each sample's crop, scale and flip are the same for all."""
     from tests.test_cpu_loader import textured_jpeg
@@ -170,25 +194,22 @@ def test_ddp_train_split_is_disjoint(tmp_path, backend):
 
 def damaged_copy(data, tmp_path):
     copy = tmp_path / "data"
-    shutil.copytree(data, copy)
+    if not copy.exists():
+        shutil.copytree(data, copy)
     return copy, load_manifest(copy)["splits"]["val"]
 
 
-def test_truncated_tar(data, tmp_path):
-    copy, split = damaged_copy(data, tmp_path)
-    tar = copy / split["shards"]["rgb"][0]["tar"]
-    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2 + 100])
-    loader = build(copy, "cpu")
-    with pytest.warns(UserWarning, match="skipped bad data"):
-        images, _, keys = all_batches(loader)
-    assert loader.skipped >= 1
-    assert split["samples"] - split["shards"]["rgb"][0]["samples"] < len(keys) < split["samples"]
-    with pytest.raises(RuntimeError, match=f"shorter than their index says: .*{tar.name}"):
-        all_batches(build(copy, "dali"))
+def read_all(data, backend: str, train: bool = False, **kw):
+    """Every batch of one epoch of the val split, its keys (eval) and labels, and the loader (for what it lost)."""
+    loader = loaders.build(data, "val", "rgb", train, 8, crop=48, backend=backend, device="cpu", workers=2, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images, labels, keys = all_batches(loader)
+    return images, labels, keys, loader, [str(w.message) for w in caught]
 
 
-def rewrite_member(tar_path, name_end: str, data: bytes | None) -> None:
-    """Replace (or, with None, drop) the first member whose name ends with name_end."""
+def rewrite_member(tar_path, name_end: str, data: bytes | None) -> str:
+    """Replace (or, with None, drop) the first member whose name ends with name_end; its name."""
     with tarfile.open(tar_path) as t:
         members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
     target = next(m.name for m, _ in members if m.name.endswith(name_end))
@@ -199,38 +220,95 @@ def rewrite_member(tar_path, name_end: str, data: bytes | None) -> None:
                     continue
                 b = data
                 m.size = len(b)
-            import io
-
             t.addfile(m, io.BytesIO(b))
-    # keep the DALI index true to the new tar
-    from wds2idx import IndexCreator
+    from wds2idx import IndexCreator  # keep the DALI index true to the new tar
 
     with IndexCreator(str(tar_path), str(tar_path.with_suffix(".idx")), verbose=False) as ic:
         ic.create_index()
+    return target
 
 
-def test_corrupt_jpeg(data, tmp_path):
+def agree_on_damage(copy, lost: int, first_key: str, shard: str, reason: str) -> None:
+    """Both loaders give the same samples and labels of damaged shards, and count what is gone in samples."""
+    split = load_manifest(copy)["splits"]["val"]
+    results = {backend: read_all(copy, backend) for backend in BACKENDS}
+    for backend, (images, labels, keys, loader, caught) in results.items():
+        assert len(keys) == split["samples"] - lost, backend
+        assert loader.skipped == lost, backend
+        assert [(Path(x.shard).name, x.first_key, x.samples) for x in loader.losses] == [(shard, first_key, lost)], backend
+        assert reason in loader.losses[0].reason, backend
+        assert any(f"{lost} of {split['samples']} samples lost" in w and "pack.verify" in w for w in caught), caught
+    (_, cpu_labels, cpu_keys, *_), (_, dali_labels, dali_keys, *_) = results["cpu"], results["dali"]
+    assert sorted(zip(cpu_keys, cpu_labels.tolist())) == sorted(zip(dali_keys, dali_labels.tolist()))
+    for backend in BACKENDS:  # training: the same count, in full batches
+        images, labels, _, loader, _ = read_all(copy, backend, train=True)
+        assert len(labels) == (split["samples"] - lost) // 8 * 8 and loader.skipped == lost, backend
+
+
+def test_a_truncated_shard_is_read_up_to_its_last_whole_sample(data, tmp_path):
     copy, split = damaged_copy(data, tmp_path)
-    rewrite_member(copy / split["shards"]["rgb"][0]["tar"], ".rgb.jpg", b"\xff\xd8\xff\xe0 garbage, not a JPEG")
-    loader = build(copy, "cpu")
-    with pytest.warns(UserWarning, match="skipped bad data"):
-        _, _, keys = all_batches(loader)
-    assert loader.skipped == 1 and len(keys) == split["samples"] - 1
-    with pytest.raises(RuntimeError, match="shard"):
-        all_batches(build(copy, "dali"))
+    piece = split["shards"]["rgb"][0]
+    tar = copy / piece["tar"]
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2 + 100])
+    lines = (copy / piece["idx"]).read_text().splitlines()[1:]
+    whole = sum(1 for line in lines if int(line.split()[5]) + int(line.split()[6]) <= tar.stat().st_size)
+    assert 0 < whole < piece["samples"]
+    first = lines[whole].split()[3].rsplit(".", 2)[0]
+    agree_on_damage(copy, piece["samples"] - whole, first, tar.name, "truncated")
 
 
-def test_sample_missing_a_component(data, tmp_path):
+def test_a_zero_byte_shard_loses_its_samples_and_an_empty_one_is_valid(data, tmp_path):
     copy, split = damaged_copy(data, tmp_path)
-    rewrite_member(copy / split["shards"]["rgb"][0]["tar"], ".cls", None)
-    loader = build(copy, "cpu")
-    with pytest.warns(UserWarning, match="skipped bad data"):
-        _, _, keys = all_batches(loader)
-    assert loader.skipped == 1 and len(keys) == split["samples"] - 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, _, keys = all_batches(build(copy, "dali"))  # DALI skips such samples
-    assert len(keys) == split["samples"] - 1
+    piece = split["shards"]["rgb"][0]
+    first = (copy / piece["idx"]).read_text().splitlines()[1].split()[3].rsplit(".", 2)[0]
+    (copy / piece["tar"]).write_bytes(b"")
+    agree_on_damage(copy, piece["samples"], first, Path(piece["tar"]).name, "truncated")
+    # a shard of no samples (an empty tar and an index that says 0) is valid and yields nothing
+    (copy / piece["idx"]).write_text("v1.2 0\n")
+    manifest = load_manifest(copy)
+    manifest["splits"]["val"]["shards"]["rgb"][0]["samples"] = 0
+    manifest["splits"]["val"]["samples"] -= piece["samples"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for backend in BACKENDS:
+        _, _, keys, loader, caught = read_all(copy, backend)
+        assert len(keys) == split["samples"] - piece["samples"] and loader.skipped == 0 and not caught, backend
+
+
+def test_a_missing_index_is_refused_before_any_work(data, tmp_path):
+    copy, split = damaged_copy(data, tmp_path)
+    (copy / split["shards"]["rgb"][1]["idx"]).unlink()
+    for backend in BACKENDS:
+        with pytest.raises(FileNotFoundError, match="index.*missing.*wds2idx"):
+            build(copy, backend)
+
+
+def test_a_bad_label_is_skipped_by_both_loaders(data, tmp_path):
+    copy, split = damaged_copy(data, tmp_path)
+    tar = copy / split["shards"]["rgb"][0]["tar"]
+    for bad, why in ((b"x", "not an integer"), (b"99", "out of range")):
+        key = rewrite_member(tar, ".cls", bad).rsplit(".", 1)[0]
+        agree_on_damage(copy, 1, key, tar.name, why)
+
+
+def test_a_sample_missing_a_component_is_skipped_by_both_loaders(data, tmp_path):
+    copy, split = damaged_copy(data, tmp_path)
+    tar = copy / split["shards"]["rgb"][0]["tar"]
+    key = rewrite_member(tar, ".cls", None).rsplit(".", 1)[0]
+    agree_on_damage(copy, 1, key, tar.name, "missing its cls")
+
+
+def test_an_undecodable_jpeg(data, tmp_path):
+    """The CPU loader skips it; DALI stops with an error naming pack.verify, or crashes (its CPU mode, at batch 64) saying so."""
+    copy, split = damaged_copy(data, tmp_path)
+    tar = copy / split["shards"]["rgb"][0]["tar"]
+    key = rewrite_member(tar, ".rgb.jpg", bytes(random.Random(1).randrange(256) for _ in range(3000))).rsplit(".", 2)[0]
+    _, _, keys, loader, _ = read_all(copy, "cpu")
+    assert len(keys) == split["samples"] - 1 and loader.losses[0].first_key == key
+    for batch in (8, 64):
+        done = subprocess.run([sys.executable, "-c", f"import loaders\nfor _ in loaders.build({str(copy)!r}, 'val', "
+                               f"'rgb', False, {batch}, crop=48, backend='dali', device='cpu', workers=2): pass"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and f"python -m pack.verify {copy} --split val" in done.stderr, done.stderr[-3000:]
 
 
 def test_clear_errors_before_any_work(data, tmp_path):
@@ -263,3 +341,21 @@ def test_bench_prints_rates_and_ratios(data, tmp_path, capsys):
     assert "round 2/2" in out and "decode ceiling:" in out and "files:" in out
     assert re.search(r"cpu \(uint8\): +\d+ images/s = [\d.]+x files, \d+% of the decode ceiling", out)
     assert len(list((tmp_path / "files").rglob("*.jpg"))) == 2 * load_manifest(data)["splits"]["train"]["samples"]
+
+
+def test_bench_skips_bad_data_in_its_baselines_as_the_loaders_do(data, tmp_path, capsys):
+    from loaders import bench
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    split = load_manifest(copy)["splits"]["train"]
+    rewrite_member(copy / split["shards"]["rgb"][0]["tar"], ".rgb.jpg", b"\xff\xd8\xff\xe0 not a JPEG")
+    (copy / split["shards"]["rgb"][1]["tar"]).write_bytes(b"")
+    lost = 1 + split["shards"]["rgb"][1]["samples"]
+    bench.main(bench.get_args_parser().parse_args(
+        ["--data", str(copy), "--split", "train", "--modality", "rgb", "--backend", "cpu", "--batch-size", "4",
+         "--crop", "40", "--workers", "1", "--seconds", "0.5", "--rounds", "1", "--files-dir", str(tmp_path / "files")]))
+    out = capsys.readouterr().out
+    assert f"the baselines leave out {lost} bad sample(s), as the loaders do" in out
+    assert re.search(r"cpu \(CPU\): +\d+ images/s", out) and "files:" in out
+    assert len(list((tmp_path / "files").rglob("*.jpg"))) == split["samples"] - lost

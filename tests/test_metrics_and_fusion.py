@@ -118,3 +118,41 @@ def test_search_weights_tunes_on_one_split_and_reports_on_another(tmp_path):
     assert report["rows"]["RGB+FLOW"]["video_top1"] == 1.0
     with pytest.raises(SystemExit, match="another split"):
         run_fuse(*test, "--search-weights", *test, "--out", tmp_path / "p")
+
+
+def test_non_finite_rows_count_as_wrong_everywhere():
+    """NaN compares false with everything: without care a NaN row would rank its true class first."""
+    nan, inf = float("nan"), float("inf")
+    scores = np.array([[nan, nan, nan], [0.7, 0.2, 0.1], [inf, 0.0, 0.0], [0.1, 0.8, nan]])
+    labels = np.array([0, 0, 0, 1])
+    assert metrics.true_class_rank(scores, labels).tolist() == [3, 0, 3, 3]
+    assert metrics.topk_accuracy(scores, labels, 1) == 0.25 and metrics.topk_accuracy(scores, labels, 3) == 0.25
+    assert metrics.per_class_accuracy(scores, labels)[0] == pytest.approx(1 / 3)
+    assert metrics.confusion_matrix(scores, labels).sum() == 1  # the finite row only
+    # class 1's one positive (row 3) is non-finite: it ranks last, below three finite negatives... of which none score
+    # for class 1 above it? they do, and it is tied with the other non-finite rows: AP = 1 / (the rows at or above it)
+    mAP_, _ = metrics.mean_average_precision(scores, labels)
+    assert 0 < mAP_ < 1
+    s = metrics.summary(scores, labels, scores, labels)
+    assert s["frames_non_finite"] == s["videos_non_finite"] == 3 and s["video_top1"] == 0.25
+
+
+def test_every_json_written_is_valid_json(tmp_path):
+    """A split without labels gives NaN figures: results.json must hold null there, not a bare NaN."""
+    rgb = write_scores(tmp_path / "rgb.npz", {"v1": (-1, [0.8, 0.2]), "v2": (-1, [0.3, 0.7])}, "rgb")
+    flow = write_scores(tmp_path / "flow.npz", {"v1": (-1, [0.6, 0.4]), "v2": (-1, [float("nan"), 0.4])}, "flow")
+    run_fuse(rgb, flow, "--out", tmp_path / "out")
+    text = (tmp_path / "out" / "results.json").read_text()
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads(text, parse_constant=refuse)
+    assert report["rows"]["RGB"]["video_top1"] is None
+
+
+def test_fuse_checks_its_output_folder_first(tmp_path):
+    rgb = write_scores(tmp_path / "rgb.npz", {"v1": (0, [0.8, 0.2])}, "rgb")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        run_fuse(rgb, "--out", tmp_path / "a_file")

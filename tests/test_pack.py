@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -201,3 +202,95 @@ def test_help_explains_every_flag():
     for flag in ("--csv", "--videos", "--out", "--split", "--workers", "--stride", "--flow", "--flow-len",
                  "--short-side", "--quality", "--part", "--num-parts", "--strict", "--classes"):
         assert flag in out
+
+
+def test_ids_the_shard_formats_cannot_carry_pack_under_safe_keys(tmp_path):
+    """A custom crawl's `my clip.mp4`: the samples go under a safe key; both loaders read them; results keep the id."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(DATA / "g1.avi", videos / "my clip.avi")
+    shutil.copy(DATA / "carphone_pristine.mp4", videos / "caf\u00e9 (take 2).mp4")
+    csv = kinetics_csv(tmp_path / "k.csv", [("my clip", "riding"), ("caf\u00e9 (take 2)", "talking")], split="val")
+    out = tmp_path / "d"
+    assert run_pack("--csv", csv, "--videos", videos, "--out", out, "--stride", "8", "--short-side", "48",
+                    "--flow", "dis", "--workers", "1") == 0
+    split = load_manifest(out)["splits"]["val"]
+    assert not split["failed"] and set(split["video_info"]) == {"my clip_000000_000010", "caf\u00e9 (take 2)_000000_000010"}
+    keys = {v["key"] for v in split["video_info"].values()}
+    assert all(re.fullmatch(r"[A-Za-z0-9_/-]+", k) for k in keys) and len(keys) == 2
+    for piece in split["shards"]["rgb"]:
+        for line in (out / piece["idx"]).read_text().splitlines()[1:]:
+            assert len(line.split()) == 8  # ext offset size name, twice: parseable
+    import loaders
+
+    seen = {}
+    for backend in ("cpu", "dali"):
+        loader = loaders.build(out, "val", "rgb", False, 4, crop=40, backend=backend, device="cpu", workers=1)
+        seen[backend] = sorted(k for _, _, batch_keys in loader for k in batch_keys)
+        assert loader.skipped == 0
+    assert seen["cpu"] == seen["dali"] and len(seen["cpu"]) == split["samples"]
+    assert {k.rsplit("/", 1)[0] for k in seen["cpu"]} == keys
+
+
+def test_one_file_for_two_time_ranges_is_reported_for_both(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(DATA / "g1.avi", videos / "abc.avi")
+    csv = tmp_path / "k.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split\nx,abc,0,10,train\ny,abc,20,30,train\n")
+    run_pack("--csv", csv, "--videos", videos, "--out", tmp_path / "d", "--short-side", "48", "--flow", "dis",
+             "--workers", "1")
+    split = load_manifest(tmp_path / "d")["splits"]["train"]
+    assert not split["video_info"] and set(split["failed"]) == {"abc_000000_000010", "abc_000020_000030"}
+    assert all(reason.startswith("ambiguous: abc.avi is the file of 2 clips") for reason in split["failed"].values())
+
+
+def test_linked_sub_folders_are_searched(tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "batch2"
+    elsewhere.mkdir(parents=True)
+    shutil.copy(DATA / "g1.avi", elsewhere / "g1.avi")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "batch2").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(videos, target_is_directory=True)  # a cycle: each real folder is walked once
+    csv = kinetics_csv(tmp_path / "k.csv", [("g1", "riding")])
+    run_pack("--csv", csv, "--videos", videos, "--out", tmp_path / "d", "--short-side", "48", "--flow", "dis",
+             "--workers", "1")
+    split = load_manifest(tmp_path / "d")["splits"]["train"]
+    assert list(split["video_info"]) == ["g1_000000_000010"] and not split["failed"]
+
+
+def test_two_packs_into_one_folder_the_second_is_refused(synth, tmp_path):
+    from pack.files import Lock
+
+    args = ["--csv", synth / "val.csv", "--videos", synth / "videos", "--out", tmp_path, "--workers", "1", "--flow", "dis",
+            "--short-side", "48"]
+    with Lock(tmp_path / "val" / ".pack-part0-of-1.lock").acquire("a pack"):  # as if another pack were at work
+        with pytest.raises(SystemExit, match=r"val \(part 0 of 1\) is in use by pid \d+ on"):
+            run_pack(*args)
+    assert run_pack(*args) == 0
+
+
+def test_verify_finds_every_problem_and_passes_whole_data(data, tmp_path, capsys):
+    from pack.verify import main as verify
+    from tests.test_loaders import rewrite_member
+
+    assert verify([str(data), "--workers", "2"]) == 0
+    assert "all well" in capsys.readouterr().out
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    split = load_manifest(copy)["splits"]["val"]
+    rgb = [copy / p["tar"] for p in split["shards"]["rgb"]]
+    bad_label = rewrite_member(rgb[0], ".cls", b"x").rsplit(".", 1)[0]
+    jpeg = tar_members(rgb[1])
+    target = sorted(k for k in jpeg if k.endswith(".rgb.jpg"))[2]
+    damaged = jpeg[target][: len(jpeg[target]) // 2] + bytes(len(jpeg[target]) - len(jpeg[target]) // 2)
+    rewrite_member(rgb[1], target[-20:], damaged)  # the second half zeroed, the header intact: DALI decodes it
+    rgb[2].write_bytes(rgb[2].read_bytes()[: rgb[2].stat().st_size // 2])
+    assert verify([str(copy), "--split", "val", "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    assert f"val/rgb/{rgb[0].name}: {bad_label}: bad label b'x'" in out
+    assert f"val/rgb/{rgb[1].name}: {target.rsplit('.', 2)[0]}: rgb.jpg does not decode" in out
+    assert re.search(rf"val/rgb/{rgb[2].name}: \S+: this sample and the \d+ after it are not in the tar", out)
+    assert re.search(rf"val/rgb/{rgb[2].name}: truncated", out)
+    assert out.splitlines()[-1].startswith(f"4 problem(s) in {copy}")  # one line each, nothing else

@@ -134,3 +134,34 @@ def test_streams_packed_with_other_parameters_each_use_their_own(trained, tmp_pa
     frames, values = result["fused_frames"]
     assert frames.tolist() == flow.tolist() and np.allclose(values.sum(1), 1.0, atol=1e-5)
     assert (tmp_path / "g1.png").is_file()
+
+
+def test_wrong_checkpoints_and_empty_inputs_are_refused_before_any_work(trained, tmp_path):
+    with pytest.raises(SystemExit, match="is a flow stream, given as the rgb one"):
+        run_predict(DATA / "g1.avi", "--rgb", trained["flow"] / "latest.pt", "--flow", trained["rgb"] / "latest.pt")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no videos here\n")
+    done = subprocess.run([sys.executable, "predict.py", str(tmp_path / "empty"), "--rgb", str(trained["rgb"] / "latest.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "no videos in" in done.stderr, done.stderr[-2000:]
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="--timeline .*a_file is a file, not a folder"):
+        run_predict(DATA / "g1.avi", "--rgb", trained["rgb"] / "latest.pt", "--timeline", tmp_path / "a_file" / "t")
+    with pytest.raises(SystemExit, match="--out .* is a folder"):
+        run_predict(DATA / "g1.avi", "--rgb", trained["rgb"] / "latest.pt", "--out", tmp_path / "empty")
+
+
+def test_a_video_whose_scores_are_not_finite_is_reported(trained, tmp_path):
+    ckpt = torch.load(trained["rgb"] / "latest.pt", map_location="cpu", weights_only=True)
+    ckpt["model"]["fc.weight"] = ckpt["model"]["fc.weight"].sign() * 3e38  # finite weights, logits that overflow
+    torch.save(ckpt, tmp_path / "huge.pt")
+    outcome = run_predict(DATA / "g1.avi", "--rgb", tmp_path / "huge.pt", "--out", tmp_path / "p.json")
+    assert outcome["report"]["failed"][str(DATA / "g1.avi")].startswith("not finite: ")
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    assert json.loads((tmp_path / "p.json").read_text(), parse_constant=refuse)["results"] == {}
+    allowed = run_predict(DATA / "g1.avi", "--rgb", tmp_path / "huge.pt", "--allow-non-finite", "--out", tmp_path / "q.json")
+    assert "g1" in allowed["results"]
+    json.loads((tmp_path / "q.json").read_text(), parse_constant=refuse)

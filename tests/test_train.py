@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, run_pack
+from conftest import PACK_ARGS, ROOT, run_pack
 from pack.manifest import load_manifest
 
 TINY = ["--arch", "resnet18", "--input-size", "32", "--batch-size", "8", "--workers", "1", "--log-every", "2"]
@@ -153,3 +155,188 @@ def test_deterministic_runs_give_the_same_weights(data, tmp_path):
                   "--val-split", "", "--deterministic", "--save-dir", tmp_path / run)
         weights.append(final_checkpoint(tmp_path / run)["model"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def checkpoint_files(save_dir) -> list:
+    return sorted(p.name for p in save_dir.glob("*.pt"))
+
+
+def test_a_loss_that_is_not_finite_stops_training_and_nothing_non_finite_is_saved(data, tmp_path):
+    """--lr 1e6: the loss overflows within a few steps. An error naming the iteration and the last good checkpoint."""
+    save = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"the training loss is not finite at iteration (\d+); stopped at iteration \d+") as e:
+        run_train("--data", data, "--modality", "rgb", *TINY, "--lr", "1e6", "--max-iterations", "12", "--ckpt-every",
+                  "2", "--val-split", "", "--save-dir", save)
+    message = str(e.value.code)
+    first_bad = int(re.search(r"not finite at iteration (\d+)", message).group(1))
+    assert first_bad <= 12 and "--init" in message and "lower the learning rate" in message.lower()
+    assert message in (save / "train.log").read_text()
+    for name in checkpoint_files(save):  # everything written is finite, and from before the first bad step
+        ckpt = torch.load(save / name, map_location="cpu", weights_only=True)
+        assert ckpt["iteration"] < first_bad
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    if checkpoint_files(save):
+        assert re.search(r"last good checkpoint is \S+ckpt-\d+\.pt", message)
+
+
+def test_fp16_skipped_steps_are_counted_and_a_collapsed_loss_scale_stops(data, tmp_path, monkeypatch):
+    common = ["--data", data, "--modality", "rgb", *TINY, "--amp", "fp16", "--val-split", "", "--ckpt-every", "100"]
+    summary = run_train(*common, "--max-iterations", "4", "--save-dir", tmp_path / "a")
+    assert isinstance(summary["fp16_skipped_steps"], int) and "fp16-skipped-steps" in (tmp_path / "a" / "train.log").read_text()
+    monkeypatch.setattr(train, "MIN_LOSS_SCALE", 2.0 ** 17)  # above GradScaler's starting scale: "collapsed" at once
+    with pytest.raises(SystemExit, match="the fp16 loss scale fell to"):
+        run_train(*common, "--max-iterations", "4", "--save-dir", tmp_path / "b")
+    assert not checkpoint_files(tmp_path / "b")
+
+
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_goes_on(data, tmp_path):
+    save = tmp_path / "run"
+    args = [sys.executable, "train.py", "--data", str(data), "--modality", "rgb", *TINY, "--max-iterations", "400",
+            "--ckpt-every", "1000", "--val-split", "", "--save-dir", str(save)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = save / "train.log"
+        if log.exists() and "\nit 4 " in log.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM, proc.stderr.read()[-2000:]
+    log = (save / "train.log").read_text()
+    stopped = int(re.search(r"stopped by SIGTERM after iteration (\d+), checkpoint written", log).group(1))
+    assert 4 <= stopped < 400 and final_checkpoint(save)["iteration"] == stopped
+    assert not list(save.glob(".*.tmp*"))
+    end = args.index("--max-iterations") + 1
+    done = subprocess.run(args[:end] + [str(stopped + 4)] + args[end + 1:] + ["--resume"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert final_checkpoint(save)["iteration"] == stopped + 4
+    assert f"resumed from iteration {stopped}" in (save / "train.log").read_text()
+
+
+def test_a_run_killed_while_saving_leaves_nothing_behind_and_one_save_dir_has_one_run(data, tmp_path):
+    save = tmp_path / "run"
+    save.mkdir()
+    (save / ".ckpt-00000004.pt.tmp99999").write_bytes(b"half a checkpoint")
+    (save / ".latest.pt.tmp99999").write_bytes(b"")
+    run_train("--data", data, "--modality", "rgb", *TINY, "--max-iterations", "2", "--val-split", "", "--save-dir", save)
+    assert not list(save.glob(".*.tmp*")) and "removed 2 half-written checkpoint(s)" in (save / "train.log").read_text()
+    from pack.files import Lock
+
+    with Lock(save / ".train.lock").acquire("a run"):  # as if another train.py were at work there
+        with pytest.raises(SystemExit, match="in use by pid"):
+            run_train("--data", data, "--modality", "rgb", *TINY, "--max-iterations", "4", "--val-split", "",
+                      "--save-dir", save, "--resume")
+
+
+def test_resume_refuses_flags_that_disagree_with_the_checkpoint(data, tmp_path):
+    common = ["--data", data, *TINY, "--val-split", "", "--save-dir", tmp_path]
+    run_train(*common, "--modality", "flow", "--max-iterations", "2")
+    with pytest.raises(SystemExit, match="--modality rgb, but the run .* was trained with flow"):
+        run_train(*common, "--modality", "rgb", "--max-iterations", "4", "--resume")
+    with pytest.raises(SystemExit, match="--input-size 48, but the run .* was trained with 32"):
+        run_train(*[a if a != "32" else "48" for a in common], "--modality", "flow", "--max-iterations", "4", "--resume")
+    run_train("--data", data, "--arch", "resnet18", "--batch-size", "8", "--workers", "1", "--log-every", "2",  # as saved
+              "--val-split", "", "--save-dir", tmp_path, "--modality", "flow", "--max-iterations", "4", "--resume")
+    assert final_checkpoint(tmp_path)["iteration"] == 4 and final_checkpoint(tmp_path)["args"]["input_size"] == 32
+
+
+def test_unlabelled_splits_are_refused_at_start(data, synth, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    rows = (synth / "val.csv").read_text().splitlines()[1:]
+    test_csv = tmp_path / "test.csv"
+    test_csv.write_text("youtube_id,time_start,time_end,split\n" + "".join(
+        f"{r.split(',')[1]},{r.split(',')[2]},{r.split(',')[3]},test\n" for r in rows))
+    run_pack("--csv", test_csv, "--videos", synth / "videos", "--out", copy, "--workers", "1", *PACK_ARGS)
+    for flags in (["--val-split", "test"], ["--train-split", "test", "--val-split", ""]):
+        with pytest.raises(SystemExit, match=r"/test has no labels"):
+            run_train("--data", copy, "--modality", "rgb", *TINY, "--max-iterations", "2", *flags,
+                      "--save-dir", tmp_path / "run")
+
+
+TRANSFER = ["--modality", "rgb", "--arch", "resnet18", "--input-size", "32", "--batch-size", "8", "--workers", "1",
+            "--val-split", "", "--deterministic", "--lr", "0.01", "--ckpt-every", "1000", "--log-every", "10"]
+
+
+def run_args(*argv):
+    return train.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def test_init_starts_from_a_trained_stream_with_a_new_classifier_or_its_own(real_folders, tmp_path):
+    source = tmp_path / "source"
+    run_train("--data", real_folders["source"], *TRANSFER, "--max-iterations", "10", "--save-dir", source)
+    trained_on = torch.load(source / "latest.pt", map_location="cpu", weights_only=True)
+    for data, kept in ((real_folders["target"], False), (real_folders["source"], True)):
+        args = run_args("--data", data, *TRANSFER, "--init", source / "latest.pt", "--save-dir", tmp_path / "x")
+        classes = train.check_before_work(args, 1)
+        lines = []
+        run = train.Run(args, classes, 1, 0, torch.device("cpu"), None, lines.append)
+        weights = run.model.state_dict()
+        for key, value in trained_on["model"].items():
+            same = torch.equal(weights[key], value)
+            assert same if (kept or key not in ("fc.weight", "fc.bias")) else not same, key
+        assert run.init == {"checkpoint": str(source / "latest.pt"), "iteration": 10, "classes": 2,
+                            "classifier": "kept" if kept else "new", "from": None}
+        assert ("the classifier kept" if kept else "the classifier made anew") in lines[0]
+    run_train("--data", real_folders["target"], *TRANSFER, "--max-iterations", "2", "--init", source / "latest.pt",
+              "--save-dir", tmp_path / "fine")
+    saved = final_checkpoint(tmp_path / "fine")
+    assert saved["iteration"] == 2 and saved["init"]["checkpoint"] == str(source / "latest.pt")
+    assert saved["optimizer"]["param_groups"][0]["lr"] == 0.01  # its own schedule, from the start
+
+
+def test_init_refuses_what_does_not_fit(real_folders, data, tmp_path):
+    source = tmp_path / "source"
+    run_train("--data", real_folders["source"], *TRANSFER, "--max-iterations", "2", "--save-dir", source)
+    ckpt = source / "latest.pt"
+    common = ["--data", real_folders["target"], *TRANSFER, "--max-iterations", "2", "--save-dir", tmp_path / "x"]
+    with pytest.raises(SystemExit, match="--resume continues a run, --init starts a new one"):
+        run_train(*common, "--init", ckpt, "--resume")
+    with pytest.raises(SystemExit, match="--init already gives the starting weights"):
+        run_train(*common, "--init", ckpt, "--pretrained", ckpt)
+    with pytest.raises(SystemExit, match="is a resnet18 network, this run's --arch is resnet50"):
+        run_train(*common, "--init", ckpt, "--arch", "resnet50")
+    with pytest.raises(SystemExit, match="is a rgb network, this run's --modality is flow"):
+        run_train(*[a if a != "rgb" else "flow" for a in common], "--init", ckpt)
+    flow = tmp_path / "flow"
+    run_train("--data", data, "--modality", "flow", *TINY, "--max-iterations", "2", "--val-split", "", "--save-dir", flow)
+    with pytest.raises(SystemExit, match="stacks 2 flow images, this run 1"):
+        run_train(*[a if a != "rgb" else "flow" for a in common], "--flow-len", "1", "--init", flow / "latest.pt")
+
+
+def test_transfer_helps_a_stream_trained_on_other_classes_learns_faster_than_from_scratch(real_folders, tmp_path):
+    """The same seed, data and 30 iterations: from the street-vs-car stream, indoors-vs-outdoors learns faster.
+
+    Loading nothing would make the two runs the same (deterministic), and the test fail.
+    """
+    run_train("--data", real_folders["source"], *TRANSFER, "--max-iterations", "60", "--save-dir", tmp_path / "source")
+    losses = {}
+    for name, extra in (("scratch", []), ("init", ["--init", tmp_path / "source" / "latest.pt"])):
+        run_train("--data", real_folders["target"], *TRANSFER, "--max-iterations", "30", *extra, "--save-dir",
+                  tmp_path / name)
+        losses[name] = [loss for _, loss in final_checkpoint(tmp_path / name)["history"]["train"]]
+    assert len(losses["init"]) == len(losses["scratch"]) == 3
+    assert losses["init"][-1] < losses["scratch"][-1], losses  # the loss after 30 iterations (its last 10)
+    assert sum(losses["init"]) < sum(losses["scratch"]), losses  # and along the way
+
+
+def test_no_flip_is_recorded_and_mirrored_views_refused_unless_asked(data, tmp_path):
+    run_train("--data", data, "--modality", "rgb", *TINY, "--max-iterations", "2", "--val-split", "", "--no-flip",
+              "--save-dir", tmp_path)
+    assert final_checkpoint(tmp_path)["args"]["no_flip"] is True
+    import predict
+    import score
+
+    common = ["--checkpoint", str(tmp_path / "latest.pt"), "--data", str(data), "--workers", "1"]
+    for tta in ("flip", "10crop"):
+        with pytest.raises(SystemExit, match=f"trained with --no-flip .* --tta {tta} would score it on mirrored views"):
+            score.main(score.get_args_parser().parse_args([*common, "--out", str(tmp_path / "s.npz"), "--tta", tta]))
+    score.main(score.get_args_parser().parse_args([*common, "--out", str(tmp_path / "s.npz"), "--tta", "3crop"]))
+    score.main(score.get_args_parser().parse_args([*common, "--out", str(tmp_path / "f.npz"), "--tta", "flip",
+                                                   "--allow-mirrored"]))
+    from conftest import DATA
+
+    with pytest.raises(SystemExit, match="trained with --no-flip"):
+        predict.main(predict.get_args_parser().parse_args([str(DATA / "g1.avi"), "--rgb", str(tmp_path / "latest.pt"),
+                                                           "--tta", "flip"]))

@@ -1,0 +1,103 @@
+"""Writing files safely: whole or not at all, valid JSON only, outputs checked before the work, one writer at a time."""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename: readers see all or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def json_safe(obj):
+    """obj with every non-finite float (NaN, inf) as None: JSON has no NaN, and a bare NaN breaks its readers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: object, indent: int | None = 1) -> str:
+    """Valid JSON (non-finite numbers written as null)."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_bytes(path, json_text(obj).encode())
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Fail now, not after hours of work, if `path` cannot be written: make its folder, try a file there."""
+    path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"error: {flag} {path} is a folder; give a file name")
+    check_output_dir(path.parent, flag, of=path)
+
+
+def check_output_dir(folder: Path, flag: str, of: Path | None = None) -> None:
+    """Make `folder` (and its parents) and try writing a file in it; one clear line if that fails."""
+    what = f"{flag} {of if of is not None else folder}"
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"error: {what}: {existing} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: {what}: cannot write there ({e.strerror or e})") from None
+
+
+class Lock:
+    """An exclusive lock on a file (flock): held until released or the process ends, even by kill -9.
+
+    The file says who holds it (host, pid, start time), for the message the next one gets.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = None
+
+    def acquire(self, what: str) -> "Lock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise SystemExit(f"error: {what} is in use by {holder} ({self.path}); wait for it to finish, "
+                             f"or use another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock; the file stays (removing it would race the next holder)
+            self._file = None
+
+    def __enter__(self) -> "Lock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
