@@ -148,7 +148,8 @@ def plain_args(args) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
-def flag(name: str) -> str:
+def cli_flag(name: str) -> str:
+    """An argument's command-line spelling: input_size -> --input-size."""
     return "--" + name.replace("_", "-")
 
 
@@ -190,8 +191,8 @@ def settle_model_flags(args, resumed: dict | None, init: dict | None) -> None:
         if resumed is not None:
             kept = resumed["args"].get(name, default)
             if given is not None and given != kept:
-                raise SystemExit(f"error: --resume: {flag(name)} {given}, but the run in {args.save_dir} was trained "
-                                 f"with {kept}; drop {flag(name)}, or start a new run in another --save-dir")
+                raise SystemExit(f"error: --resume: {cli_flag(name)} {given}, but the run in {args.save_dir} was trained "
+                                 f"with {kept}; drop {cli_flag(name)}, or start a new run in another --save-dir")
             setattr(args, name, kept)
         elif given is None:
             setattr(args, name, init["args"]["arch"] if name == "arch" and init else default)
@@ -203,7 +204,7 @@ def load_init(args, classes: list[str], flow_len: int) -> dict:
     a = init["args"]
     for name, mine in (("arch", args.arch), ("modality", args.modality)):
         if a[name] != mine:
-            raise SystemExit(f"error: --init {args.init} is a {a[name]} network, this run's {flag(name)} is {mine}")
+            raise SystemExit(f"error: --init {args.init} is a {a[name]} network, this run's {cli_flag(name)} is {mine}")
     if args.modality == "flow" and a["flow_len"] != flow_len:
         raise SystemExit(f"error: --init {args.init} stacks {a['flow_len']} flow images, this run {flow_len} "
                          f"(--flow-len, or the data's)")
@@ -411,13 +412,17 @@ class TrainStep:
     graph is the fused kernel reading each group's learning rate from device memory,
     refreshed from the optimiser's before each replay: the schedule works as in eager mode.
     The loss returned is the graph's own output, overwritten by the next step.
+    A capture that raises, or a first replay whose loss is not finite where the eager
+    warm-up steps' were, falls back to eager steps (the state before that replay restored, the
+    step redone), with one log line; with strict (--cuda-graph on) either is an error.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 dtype: torch.dtype | None, graphed: bool, warmup: int = 3):
+                 dtype: torch.dtype | None, graphed: bool, warmup: int = 3, strict: bool = False, log=print):
         self.model, self.optimizer, self.scaler, self.dtype = model, optimizer, scaler, dtype
-        self.graphed, self.warmup, self.steps = graphed, warmup, 0
+        self.graphed, self.warmup, self.steps, self.strict, self.log = graphed, warmup, 0, strict, log
         self.graph = self.side = None  # the graph, and the side stream it is captured on
+        self.warmup_losses = []
 
     def eager(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # No autocast cache: a graph must cast the weights in each replay, not reuse the capture's casts.
@@ -440,15 +445,47 @@ class TrainStep:
             with torch.cuda.stream(self.side):
                 loss = self.eager(images, labels)
             torch.cuda.current_stream().wait_stream(self.side)
+            self.warmup_losses.append(loss)
             return loss
         if self.graph is None:
-            self.capture(images, labels)
+            return self.first_replay(images, labels)
+        return self.replay(images, labels)
+
+    def replay(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.images.copy_(images, non_blocking=True)
         self.labels.copy_(labels, non_blocking=True)
         for lr, group in zip(self.lrs, self.optimizer.param_groups):
             lr.fill_(group["lr"])
         self.graph.replay()
         return self.loss
+
+    def first_replay(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Capture, then replay once and check it (one host sync, once), keeping the state before it to undo it."""
+        before = [t.detach().clone() for t in self.state()]
+        try:
+            self.capture(images, labels)
+        except Exception as e:  # whatever the capture raised is said, and the run goes on eagerly
+            return self.fall_back(f"the capture failed ({type(e).__name__}: {str(e)[:200]})", images, labels, before)
+        loss = self.replay(images, labels)
+        if not torch.isfinite(loss) and torch.isfinite(torch.stack(self.warmup_losses)).all():
+            return self.fall_back("the first replay's loss is not finite, the eager warm-up steps' were", images,
+                                  labels, before)
+        return loss
+
+    def fall_back(self, why: str, images: torch.Tensor, labels: torch.Tensor, before: list) -> torch.Tensor:
+        if self.strict:
+            raise SystemExit(f"error: --cuda-graph on: {why}; use --cuda-graph auto (it falls back to eager steps) or off")
+        for tensor, saved in zip(self.state(), before):
+            tensor.copy_(saved)
+        self.graphed = False
+        self.graph = self.images = self.labels = self.loss = self.lrs = None  # the graph's memory goes with them
+        self.log(f"CUDA graph off from step {self.steps}: {why}; the step redone eagerly, and every step after it")
+        return self.eager(images, labels)
+
+    def state(self) -> list[torch.Tensor]:
+        """What a step changes: the weights and buffers (batch-norm statistics), the momentum buffers."""
+        return list(self.model.state_dict().values()) + [s["momentum_buffer"] for s in self.optimizer.state.values()
+                                                          if s.get("momentum_buffer") is not None]
 
     def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Record one step on static copies of the batch; nothing runs until the first replay."""
@@ -601,6 +638,7 @@ class Logger:
         skipped = f" fp16-skipped-steps {f['skipped_steps']}" if "skipped_steps" in f else ""
         self.file.write(f"it {iteration} loss {f['loss']:.4f} lr {f['lr']:.3g} images/s {f['images_per_s']:.1f} "
                         f"data-wait {100 * f['data_wait']:.1f}%{skipped}\n")
+        self.file.flush()  # for tail -f
         for name, value in f.items():
             self.writer.add_scalar(f"train/{name}", value, iteration)
         if self.visdom:
@@ -754,8 +792,9 @@ def main(args: argparse.Namespace) -> dict:
         if args.freeze_bn:
             set_bn_eval(run.model)
         with StopRequest().installed() as stop:
-            summary = train(args, run, TrainStep(model, run.optimizer, run.scaler, dtype, graphed), batches, val_loader,
-                            logger, stop, world, device, dtype)
+            step = TrainStep(model, run.optimizer, run.scaler, dtype, graphed, strict=args.cuda_graph == "on",
+                             log=logger.line)
+            summary = train(args, run, step, batches, val_loader, logger, stop, world, device, dtype)
         summary["skipped_samples"] = getattr(train_loader, "skipped", 0)
         if rank == 0:
             plot_curves(run.history, args.save_dir / "curves.png")

@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pack.shards import index_entries, key_of, read_index, readable_prefix
+from pack.workers import opencv_threads_stopped
 
 from .common import Loss, Stream, add_loss, normalise, normalised_shape, parse_label, pool, warn_losses
 
@@ -439,7 +440,8 @@ class CpuLoader:
         self._epoch += 1
         held = -1  # the reused batch the consumer has
         remainders = []  # training: the workers' partial last batches, pooled into full ones
-        batches = self._batches = iter(self.loader)  # its workers: see _death_report
+        with opencv_threads_stopped():  # the workers start (fork) here
+            batches = self._batches = iter(self.loader)  # its workers: see _death_report
         self._watch_workers()
         try:
             while (item := self._next(batches)) is not None:

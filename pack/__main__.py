@@ -34,6 +34,7 @@ from .manifest import load_manifest, plan_id, read_json, write_manifest
 from .packer import PackParams, pack_group
 from .shards import sample_key
 from .video import VideoError, VideoIndex
+from .workers import opencv_threads_stopped
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,8 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_annotations(args) -> Annotations:
-    """The clips of each split to pack, from whichever layout was given."""
+def read_annotations(args, given: list[str] | None) -> Annotations:
+    """The clips of each split to pack, from whichever layout was given (given: --classes, for a list's indices)."""
     if (args.videos is None) != (args.folders is not None):
         raise SystemExit("error: --folders holds the videos itself: drop --videos" if args.folders else
                          "error: --videos FOLDER is needed: where the videos are")
@@ -85,7 +86,6 @@ def read_annotations(args) -> Annotations:
         raise SystemExit("error: --list and --folders need --split NAME (train, val, test, ...): the split they make")
     if (args.ucf101 or args.hmdb51) and args.split:
         raise SystemExit("error: --ucf101 and --hmdb51 pack both splits of the fold (train and val): drop --split")
-    given = read_class_file(args.classes) if args.classes else None
     if args.csv:
         annotations = read_kinetics(args.csv)
         split = choose_split(list(annotations.splits), args.split, args.csv)
@@ -187,11 +187,12 @@ def main(args: argparse.Namespace) -> int:
     if how:
         print(f"packing part {part} of {parts} (0..{parts - 1}), from {how}")
     try:
-        annotations = read_annotations(args)
+        classes_file = read_class_file(args.classes) if args.classes else None
+        annotations = read_annotations(args, classes_file)
     except AnnotationError as e:
         raise SystemExit(f"error: {e}") from None
     check_output_dir(args.out, "--out")
-    given = read_class_file(args.classes) if args.classes else existing_classes(args.out)
+    given = classes_file or existing_classes(args.out)
     if given and not args.classes:
         print(f"using the {len(given)} classes already in {args.out / 'classes.txt'}")
     if given and annotations.classes and given != annotations.classes:
@@ -275,7 +276,8 @@ def run_jobs(split_dir: Path, jobs: dict, params: PackParams, workers: int, n_vi
                 drain(0)
         else:
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker) as pool:
-                pending = {pool.submit(pack_group, split_dir, g, v, params, progress, stamp) for g, v in jobs.items()}
+                with opencv_threads_stopped():  # the pool forks its workers as the jobs are submitted
+                    pending = {pool.submit(pack_group, split_dir, g, v, params, progress, stamp) for g, v in jobs.items()}
                 while pending:
                     done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                     records += [f.result() for f in done]

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -221,3 +224,25 @@ def test_workers_from_a_forkserver_give_the_same_batches(data, monkeypatch):
     assert len(forked) == len(served) > 2
     for (a, y, k), (b, z, m) in zip(forked, served):
         assert torch.equal(a, b) and torch.equal(y, z) and k == m
+
+
+def test_workers_start_in_a_process_whose_opencv_threads_run(data, tmp_path):
+    """A fork while OpenCV's thread pool runs hung the workers in cv2.setNumThreads (seen after predict.py ran in-process)."""
+    script = tmp_path / "opencv_first.py"
+    script.write_text(f"""
+import cv2, numpy as np, loaders, sys
+from conftest import run_pack
+big = np.zeros((2000, 2000, 3), np.uint8)
+for _ in range(5):
+    cv2.resize(big, (1000, 1000))  # OpenCV's threads now run in this process
+loader = loaders.build({str(data)!r}, "val", "rgb", False, 8, crop=48, backend="cpu", device="cpu", workers=2)
+print("samples", sum(len(k) for _, _, k in loader))
+cv2.resize(big, (1000, 1000))
+print("pack", run_pack("--csv", {str(data.parent / 'synth0' / 'val.csv')!r}, "--videos", {str(data.parent / 'synth0' / 'videos')!r},
+      "--out", {str(tmp_path / 'packed')!r}, "--workers", "2", "--flow", "dis", "--short-side", "48"))
+""")
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT / "tests", capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    assert done.returncode == 0 and "samples 72" in done.stdout and "pack 0" in done.stdout, done.stderr[-2000:]

@@ -1,6 +1,8 @@
 """train.py: it learns, it resumes after kill -9, it runs under DDP, it refuses bad set-ups early."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -340,3 +342,81 @@ def test_no_flip_is_recorded_and_mirrored_views_refused_unless_asked(data, tmp_p
     with pytest.raises(SystemExit, match="trained with --no-flip"):
         predict.main(predict.get_args_parser().parse_args([str(DATA / "g1.avi"), "--rgb", str(tmp_path / "latest.pt"),
                                                            "--tta", "flip"]))
+
+
+class FakeCuda:
+    """Enough of torch.cuda for TrainStep's graphed path on the CPU: streams do nothing; a capture records nothing.
+
+    capture_fails: entering the capture raises, as a CUDA capture does on an operation it cannot record. Otherwise
+    the capture's body runs (Python cannot skip a with-block) and what it did is undone, as if nothing had run;
+    a replay then runs the step for real on the static batch (bad_replay: and leaves NaN, as a broken graph would).
+    """
+
+    def __init__(self, monkeypatch, capture_fails: bool = False, bad_replay: bool = False):
+        self.capture_fails, self.bad_replay, self.step = capture_fails, bad_replay, None
+        fake = self
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def replay(self):
+                loss = fake.step.eager(fake.step.images, fake.step.labels)
+                fake.step.loss.copy_(torch.full_like(loss, float("nan")) if fake.bad_replay else loss)
+                if fake.bad_replay:
+                    next(fake.step.model.parameters()).data.fill_(float("nan"))
+
+        @contextlib.contextmanager
+        def graph(g, stream=None):
+            if fake.capture_fails:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            before = [t.detach().clone() for t in fake.step.state()]
+            fake.step.images.zero_()  # the body runs here on the static batch (uninitialised memory): valid values
+            fake.step.labels.zero_()
+            yield
+            for tensor, saved in zip(fake.step.state(), before):
+                tensor.copy_(saved)
+
+        for name, value in (("Stream", Stream), ("current_stream", Stream), ("stream", contextlib.nullcontext),
+                            ("CUDAGraph", Graph), ("graph", graph)):
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def run(self, graphed: bool, steps: int = 7, strict: bool = False):
+        import nets
+
+        torch.manual_seed(0)
+        model = nets.build("resnet18", 4, "rgb")
+        optimizer = torch.optim.SGD(train.param_groups(model, argparse.Namespace(lr=0.01, weight_decay=5e-4)),
+                                    lr=0.01, momentum=0.9)
+        lines = []
+        self.step = train.TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None, graphed,
+                                    strict=strict, log=lines.append)
+        batches = torch.Generator().manual_seed(1)
+        losses = [self.step(torch.randn(4, 3, 32, 32, generator=batches), torch.randint(0, 4, (4,), generator=batches)).item()
+                  for _ in range(steps)]
+        return losses, model.state_dict(), lines
+
+
+@pytest.mark.parametrize("case", ["capture fails", "bad first replay"])
+def test_a_graph_that_fails_falls_back_to_eager_steps_or_stops_when_on(monkeypatch, case):
+    """--cuda-graph auto: the run goes on eagerly from the state before, with one log line; on: an error."""
+    fake = FakeCuda(monkeypatch, capture_fails=case == "capture fails", bad_replay=case == "bad first replay")
+    eager_losses, eager_weights, _ = fake.run(graphed=False)
+    losses, weights, lines = fake.run(graphed=True)
+    assert losses == eager_losses and all(torch.equal(weights[k], eager_weights[k]) for k in weights)
+    why = "the capture failed (RuntimeError: operation not permitted" if case == "capture fails" else \
+        "the first replay's loss is not finite, the eager warm-up steps' were"
+    assert len(lines) == 1 and lines[0].startswith(f"CUDA graph off from step 4: {why}"), lines
+    with pytest.raises(SystemExit, match=f"--cuda-graph on: {re.escape(why)}"):
+        fake.run(graphed=True, strict=True)
+
+
+def test_a_graph_that_works_is_replayed(monkeypatch):
+    """The fake's replays run the step as eager steps do: the same losses and weights, and no fallback."""
+    fake = FakeCuda(monkeypatch)
+    eager_losses, eager_weights, _ = fake.run(graphed=False)
+    losses, weights, lines = fake.run(graphed=True)
+    assert fake.step.graphed and fake.step.graph is not None and not lines
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    assert all(torch.allclose(weights[k].float(), eager_weights[k].float(), rtol=1e-4, atol=1e-6) for k in weights)
