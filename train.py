@@ -697,6 +697,23 @@ def diverged(args, iteration: int, why: str, at: int) -> SystemExit:
                       f"{last}. Lower the learning rate (--lr {args.lr:g} now), or check the data")
 
 
+def save(args, run: Run, done: int, best: bool) -> None:
+    """A checkpoint of iteration `done`, unless its weights are not finite (then the run stops)."""
+    bad = non_finite_weights(run.model)
+    if bad:
+        raise diverged(args, done, f"the weights hold non-finite values ({', '.join(bad[:3])})", done)
+    save_checkpoint(run.state(done), args.save_dir, args.keep, best=best)
+
+
+def stop_here(args, run: Run, done: int, logger: Logger, best: bool) -> None:
+    """SIGTERM: a checkpoint of the last step finished, then exit 143 (128 + SIGTERM)."""
+    if logger.on:
+        save(args, run, done, best)
+    logger.line(f"stopped by SIGTERM after iteration {done}, checkpoint written: run the same command with "
+                f"--resume to continue")
+    raise SystemExit(128 + signal.SIGTERM)
+
+
 def train(args, run: Run, step, batches, val_loader, logger: Logger, stop: StopRequest, world: int,
           device: torch.device, dtype) -> dict:
     """The loop: a batch, a step; a log line, validation and a checkpoint every so many iterations."""
@@ -707,7 +724,12 @@ def train(args, run: Run, step, batches, val_loader, logger: Logger, stop: StopR
     skipped_steps = 0
     for iteration in range(run.start, args.max_iterations):
         t0 = time.perf_counter()
-        images, labels, _ = next(batches)
+        try:
+            images, labels, _ = next(batches)
+        except RuntimeError:  # SIGTERM sent to the whole process group stopped the loader's workers too
+            if not stop.requested:
+                raise
+            stop_here(args, run, iteration, logger, val_loader is None)
         t1 = time.perf_counter()
         window.add(step(images, labels), images.shape[0] * world, t1 - t0)
         run.scheduler.step()
@@ -722,9 +744,9 @@ def train(args, run: Run, step, batches, val_loader, logger: Logger, stop: StopR
 
         at_line = done % args.log_every == 0 or done == args.max_iterations
         validate = val_loader is not None and (done % args.val_every == 0 or done == args.max_iterations)
-        save = done % args.ckpt_every == 0 or done == args.max_iterations
+        checkpoint = done % args.ckpt_every == 0 or done == args.max_iterations
         stopping = stop.now(world, at_line)
-        if (at_line or validate or save or stopping) and scale is None:
+        if (at_line or validate or checkpoint or stopping) and scale is None:
             bad = window.first_non_finite(world)
             if bad is not None:
                 raise diverged(args, bad, "the training loss is not finite", done)
@@ -750,15 +772,10 @@ def train(args, run: Run, step, batches, val_loader, logger: Logger, stop: StopR
             run.best = max(run.best, metrics["top1"])
             logger.val(done, metrics, is_best)
             window.started = time.perf_counter()  # validation time is not training time
-        if main_rank and (save or is_best or stopping):
-            bad = non_finite_weights(run.model)
-            if bad:
-                raise diverged(args, done, f"the weights hold non-finite values ({', '.join(bad[:3])})", done)
-            save_checkpoint(run.state(done), args.save_dir, args.keep, best=is_best or val_loader is None)
         if stopping:
-            logger.line(f"stopped by SIGTERM after iteration {done}, checkpoint written: run the same command with "
-                        f"--resume to continue")
-            raise SystemExit(128 + signal.SIGTERM)
+            stop_here(args, run, done, logger, is_best or val_loader is None)
+        if main_rank and (checkpoint or is_best):
+            save(args, run, done, is_best or val_loader is None)
     return {"iterations": args.max_iterations, "best_val_top1": run.best,
             "images_per_s": totals["images"] / max(totals["wall"], 1e-9),
             "data_wait": totals["wait"] / max(totals["wall"], 1e-9), "fp16_skipped_steps": skipped_steps}

@@ -389,7 +389,8 @@ class CpuLoader:
     Workers start from a fork of this process, or, once it holds a CUDA context (a model on
     the GPU), from a clean forkserver process: a fork of a CUDA process is not safe.
     A worker that dies is reported with its signal or exit code and the shard and sample it
-    was on (its Python traceback, if it crashed in native code, is on stderr above).
+    was on (its Python traceback, if it crashed in native code, is on stderr above), from the
+    next batch asked for.
     """
 
     def __init__(self, stream: Stream, train: bool, batch_size: int, crop: int, resize_ratio: float = 1.1,
@@ -421,6 +422,7 @@ class CpuLoader:
             pin_memory=self.device.type == "cuda", persistent_workers=train and num_workers > 0,
             multiprocessing_context=context if num_workers > 0 else None, prefetch_factor=2 if num_workers else None)
         self._watching = False  # SIGCHLD reports a dead worker's whereabouts (_watch_workers)
+        self._dead = None  # that report, for the next batch asked for
         self._batches = None  # the DataLoader's iterator of this epoch
 
     @property
@@ -476,6 +478,9 @@ class CpuLoader:
 
     def _next(self, batches):
         """The DataLoader's next batch, or None at the epoch's end; a worker's death says where it was."""
+        if self._dead is not None:  # a worker died since the last batch (_watch_workers)
+            dead, self._dead = self._dead, None
+            raise dead
         try:
             return next(batches)
         except StopIteration:
@@ -486,10 +491,13 @@ class CpuLoader:
             raise RuntimeError(self._death_report(e)) from e
 
     def _watch_workers(self) -> None:
-        """Add the whereabouts to the error the DataLoader raises from SIGCHLD when a worker is killed.
+        """Add the whereabouts to the error the DataLoader raises from SIGCHLD when a worker is killed, and raise it
+        from this loader's next batch.
 
-        That error comes wherever the main thread is when the signal arrives (in the training
-        step, say), not from this loader's next(): hence a handler around the DataLoader's own.
+        The DataLoader raises it wherever the main thread is when the signal arrives (in the
+        middle of a training step, say): hence a handler around the DataLoader's own, which
+        keeps it for the next batch asked for. A run stopping on SIGTERM (which a scheduler
+        sends its workers too) finishes its step and saves without asking for another.
         """
         if self._watching or threading.current_thread() is not threading.main_thread():
             return
@@ -502,7 +510,9 @@ class CpuLoader:
             try:
                 previous(signum, frame)
             except RuntimeError as e:
-                raise RuntimeError(loader()._death_report(e) if loader() else str(e)) from None
+                if loader() is None:
+                    raise
+                loader()._dead = RuntimeError(loader()._death_report(e))
 
         signal.signal(signal.SIGCHLD, handler)
         self._watching = True
@@ -558,6 +568,5 @@ def _flow_x_mask(size: int) -> np.ndarray:
 
 def _init_worker(_: int) -> None:
     cv2.setNumThreads(1)  # the workers are the parallelism
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopping is the main process's: train.py saves first, then exits
     if sys.__stderr__ is not None:  # a crash in native code (decoders) prints the Python stack before the worker dies
         faulthandler.enable(sys.__stderr__)

@@ -191,18 +191,24 @@ def test_fp16_skipped_steps_are_counted_and_a_collapsed_loss_scale_stops(data, t
     assert not checkpoint_files(tmp_path / "b")
 
 
-def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_goes_on(data, tmp_path):
+@pytest.mark.parametrize("to_group", [False, True])
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_goes_on(data, tmp_path, to_group):
+    """kill PID, or a scheduler's SIGTERM to the whole process group (the loader's workers die with it)."""
     save = tmp_path / "run"
-    args = [sys.executable, "train.py", "--data", str(data), "--modality", "rgb", *TINY, "--max-iterations", "400",
-            "--ckpt-every", "1000", "--val-split", "", "--save-dir", str(save)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = [sys.executable, "train.py", "--data", str(data), "--modality", "rgb", *TINY, "--workers", "2",
+            "--max-iterations", "400", "--ckpt-every", "1000", "--val-split", "", "--save-dir", str(save)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=to_group)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         log = save / "train.log"
         if log.exists() and "\nit 4 " in log.read_text():
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM, proc.stderr.read()[-2000:]
     log = (save / "train.log").read_text()
     stopped = int(re.search(r"stopped by SIGTERM after iteration (\d+), checkpoint written", log).group(1))
