@@ -41,7 +41,7 @@ import simplejpeg
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pack.shards import index_entries, key_of, read_index, readable_prefix
+from pack.shards import index_entries, key_of, read_index, whole_samples
 from pack.workers import opencv_threads_stopped
 
 from .common import Loss, Stream, add_loss, normalise, normalised_shape, parse_label, pool, warn_losses
@@ -112,13 +112,7 @@ def read_shard(tar: str, index: str, every: int = 1, offset: int = 0):
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except (OSError, ValueError) as e:
         raise ShardError(0, None, f"unreadable: {e}") from None
-    try:
-        whole = readable_prefix(lines, size)
-    except ValueError as e:  # a garbled index line: read up to it
-        whole = next(i for i, line in enumerate(lines) if not _parses(line))
-        problem = f"unreadable index: {e}"
-    else:
-        problem = f"truncated: the file ends at byte {size}, its index goes on" if whole < len(lines) else None
+    whole, lost_key, problem = whole_samples(lines, size)
     try:
         for i in range(offset, whole, every):
             entries = index_entries(lines[i])
@@ -130,15 +124,7 @@ def read_shard(tar: str, index: str, every: int = 1, offset: int = 0):
         if isinstance(data, mmap.mmap):
             data.close()
     if problem:
-        key = key_of(index_entries(lines[whole])[0][3]) if _parses(lines[whole]) else None
-        raise ShardError(whole, key, problem)
-
-
-def _parses(line: str) -> bool:
-    try:
-        return bool(index_entries(line))
-    except ValueError:
-        return False
+        raise ShardError(whole, lost_key, problem)
 
 
 def crop_window(height: int, width: int, short: float, crop: int, pos: tuple[float, float]):

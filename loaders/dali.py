@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import faulthandler
+import functools
 import os
 import shutil
 import sys
@@ -32,7 +33,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pack.shards import index_entries, key_of, read_index, readable_prefix
+from pack.shards import index_entries, key_of, read_index, whole_samples
 
 from .common import Loss, Stream, add_loss, parse_label, pool, warn_losses
 
@@ -111,36 +112,37 @@ def eval_pipeline(stream: Stream, paths: list[str], index_paths: list[str], devi
     return images, labels, where
 
 
-def readable_shards(stream: Stream, folder: str) -> tuple[list[str], list[str], dict[str, Loss], int]:
-    """The shards DALI can read whole, with an index of its whole samples for each shard cut short (written in folder).
+def readable_shards(stream: Stream, folder: str, whole_indexes: bool) -> tuple[list[str], list[str], dict[str, Loss], int]:
+    """The shards DALI can read, with an index of their whole, readable samples where some are not (written in folder).
 
     Returns (tars, indexes, losses by shard, samples left). A shard of no samples is left out
-    (DALI needs one at least). Only an index whose last sample lies past the end of its tar
-    (a 4 KiB read) is read whole.
+    (DALI needs one at least). Without whole_indexes only an index whose last sample lies past
+    the end of its tar (a 4 KiB read) is read whole, the rest taken as they are.
     """
     tars, indexes, losses, left = [], [], {}, 0
     for tar, index, count in zip(stream.tars, stream.indexes, stream.shard_samples):
         size = os.path.getsize(tar)
-        if count and _last_sample_end(index) <= size:
+        if count and not whole_indexes and _last_sample_end(index) <= size:
             tars.append(tar)
             indexes.append(index)
             left += count
             continue
         try:
             lines = read_index(index) if count else []
-            whole = readable_prefix(lines, size)
         except ValueError as e:
             add_loss(losses, tar, "#0 of the shard", count, f"unreadable: {e}")
             continue
+        whole, lost_key, problem = whole_samples(lines, size)
+        if problem:
+            add_loss(losses, tar, lost_key or f"#{whole} of the shard", len(lines) - whole, problem)
+        if not whole:  # nothing of it to read (an empty shard is valid)
+            continue
         if whole < len(lines):
-            add_loss(losses, tar, key_of(index_entries(lines[whole])[0][3]), len(lines) - whole,
-                     f"truncated: the file ends at byte {size}, its index goes on")
-        if whole:
-            trimmed = Path(folder) / f"{len(indexes):05d}-{Path(index).name}"
-            trimmed.write_text(f"v1.2 {whole}\n" + "\n".join(lines[:whole]) + "\n")
-            tars.append(tar)
-            indexes.append(str(trimmed))
-            left += whole
+            index = Path(folder) / f"{len(indexes):05d}-{Path(index).name}"
+            index.write_text(f"v1.2 {whole}\n" + "\n".join(lines[:whole]) + "\n")
+        tars.append(tar)
+        indexes.append(str(index))
+        left += whole
     return tars, indexes, losses, left
 
 
@@ -167,27 +169,35 @@ class DaliLoader:
         self._arm_crash_report(stream)
         folder = tempfile.mkdtemp(prefix="dali-index-")  # trimmed indexes of damaged shards, gone with the loader
         weakref.finalize(self, shutil.rmtree, folder, True)
-        tars, indexes, self._shard_losses, left = readable_shards(stream, folder)
-        if not tars:
-            raise RuntimeError(f"{stream.data}/{stream.split}: no {stream.modality} shard can be read: "
-                               + "; ".join(map(str, self._shard_losses.values()))[:2000])
-        common = dict(batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
-                      prefetch_queue_depth=prefetch, stream=stream, paths=tars, index_paths=indexes, device=device,
-                      crop=crop, resize_shorter=crop * resize_ratio, shard_id=rank, num_shards=world_size, fp16=fp16,
-                      channels_last=channels_last)
-        if train:
-            pipe = train_pipeline(**common, scale_jitter=scale_jitter, flip=flip, shuffle_buffer=shuffle_buffer,
-                                  seed=seed * 1000 + rank)  # the pipeline seed drives reader shuffle and augmentation
-        else:
-            pipe = eval_pipeline(**common, crop_pos=crop_pos)
+        pipeline = functools.partial(
+            train_pipeline, scale_jitter=scale_jitter, flip=flip, shuffle_buffer=shuffle_buffer,
+            seed=seed * 1000 + rank) if train else functools.partial(eval_pipeline, crop_pos=crop_pos)
+        pipeline = functools.partial(  # the pipeline seed drives reader shuffle and augmentation
+            pipeline, batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
+            prefetch_queue_depth=prefetch, stream=stream, device=device, crop=crop, resize_shorter=crop * resize_ratio,
+            shard_id=rank, num_shards=world_size, fp16=fp16, channels_last=channels_last)
         self.losses: list[Loss] = []
+        try:
+            self._start(pipeline, folder, whole_indexes=False)
+        except RuntimeError as e:  # DALI's reader refuses an index garbled in the middle (a look at its end misses it)
+            if "readers.webdataset" not in str(e):
+                raise
+            self._start(pipeline, folder, whole_indexes=True)
+
+    def _start(self, pipeline, folder: str, whole_indexes: bool) -> None:
+        """Build the pipeline and its iterator over the shards DALI can read (trimmed indexes for damaged ones)."""
+        tars, indexes, self._shard_losses, left = readable_shards(self.stream, folder, whole_indexes)
+        if not tars:
+            raise RuntimeError(f"{self.stream.data}/{self.stream.split}: no {self.stream.modality} shard can be read: "
+                               + "; ".join(map(str, self._shard_losses.values()))[:2000])
+        pipe = pipeline(paths=tars, index_paths=indexes)
         with self._naming_shards():  # building the iterator already runs the pipeline (prefetch)
             self._iter = DALIGenericIterator(
                 pipe, ["images", "labels", "where"], reader_name="Reader", auto_reset=True,
-                last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
+                last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
             read = pipe.reader_meta("Reader")["epoch_size"]
         if read < left:  # the reader skipped samples missing a component: name them
-            self._shard_losses.update(samples_missing_components(stream, tars, indexes))
+            self._shard_losses.update(samples_missing_components(self.stream, tars, indexes))
 
     def _arm_crash_report(self, stream: Stream) -> None:
         """A crash in DALI's native code prints what to run, then (faulthandler) the Python stack where it was."""
@@ -228,31 +238,37 @@ class DaliLoader:
                 if self.channels_last:  # NHWC buffer == NCHW tensor in channels-last memory format
                     images = images.permute(0, 3, 1, 2)
                 where = batch["where"].numpy()
-                keys = [key_of(bytes(row).rstrip(b"\0").decode().rsplit(":", 2)[2]) for row in where]
-                labels, good = self._labels(batch["labels"].numpy(), where, keys, epoch_losses)
-                if len(good) < len(keys):  # rare: only when a label is bad
+                labels, good = self._labels(batch["labels"].numpy(), where, epoch_losses)
+                if len(good) < len(where):  # rare: only when a label is bad
                     images = images.index_select(0, torch.tensor(good, device=images.device))
-                    keys = [keys[i] for i in good]
+                keys = None if self.train else [source(where[i])[2] for i in good]
                 if self.train and (carry or len(good) < self.batch_size):
                     carry.append((images.clone(), labels))  # DALI reuses its output memory
                     if sum(len(y) for _, y in carry) < self.batch_size:
                         continue
                     images, labels, carry = pool(carry, self.batch_size)
                 labels = labels.to(images.device, non_blocking=True)
-                yield images, labels, None if self.train else keys
+                yield images, labels, keys
         self.losses += epoch_losses.values()
         warn_losses(list(epoch_losses.values()), self.stream, self.skipped)
 
-    def _labels(self, raw: np.ndarray, where: np.ndarray, keys: list[str], losses: dict) -> tuple[torch.Tensor, list]:
+    def _labels(self, raw: np.ndarray, where: np.ndarray, losses: dict) -> tuple[torch.Tensor, list]:
         """The batch's labels, parsed on the host (no device sync), and the rows whose label is good."""
         labels, good = [], []
-        for row, (label_bytes, key) in enumerate(zip(raw, keys)):
+        for row, label_bytes in enumerate(raw):
             try:
                 labels.append(parse_label(bytes(label_bytes).rstrip(b"\0"), self.stream))
                 good.append(row)
             except ValueError as e:
-                add_loss(losses, bytes(where[row]).rstrip(b"\0").decode().rsplit(":", 2)[0], key, 1, str(e))
+                tar, _, key = source(where[row])
+                add_loss(losses, tar, key, 1, str(e))
         return torch.tensor(labels, dtype=torch.long), good
+
+
+def source(where: np.ndarray) -> tuple[str, str, str]:
+    """A sample's (tar, offset, key) from DALI's padded source_info, "tar:offset:member"."""
+    tar, offset, member = bytes(where).rstrip(b"\0").decode().rsplit(":", 2)
+    return tar, offset, key_of(member)
 
 
 def samples_missing_components(stream: Stream, tars: list[str], indexes: list[str]) -> dict[str, Loss]:

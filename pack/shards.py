@@ -107,12 +107,17 @@ def index_entries(line: str) -> list[tuple[str, int, int, str]]:
             zip(fields[0::4], fields[1::4], fields[2::4], fields[3::4])]
 
 
-def readable_prefix(lines: list[str], file_size: int) -> int:
-    """How many samples, from the first, a shard of file_size bytes holds whole (fewer than its index lists if cut short)."""
+def whole_samples(lines: list[str], file_size: int) -> tuple[int, str | None, str | None]:
+    """How many samples, from the first, a shard of file_size bytes holds whole and indexed readably:
+    (that count, the next sample's key if its line names one, why the rest is lost or None)."""
     for i, line in enumerate(lines):
-        if any(start + size > file_size for _, start, size, _ in index_entries(line)):
-            return i
-    return len(lines)
+        try:
+            entries = index_entries(line)
+        except ValueError as e:
+            return i, None, f"unreadable index: {e}"
+        if any(start + size > file_size for _, start, size, _ in entries):
+            return i, key_of(entries[0][3]), f"truncated: the file ends at byte {file_size}, its index goes on"
+    return len(lines), None, None
 
 
 def read_index(index: str) -> list[str]:

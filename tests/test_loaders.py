@@ -274,6 +274,17 @@ def test_a_zero_byte_shard_loses_its_samples_and_an_empty_one_is_valid(data, tmp
         assert len(keys) == split["samples"] - piece["samples"] and loader.skipped == 0 and not caught, backend
 
 
+def test_a_garbled_index_line_is_read_up_to_by_both_loaders(data, tmp_path):
+    """An index line with one field too many (a member name with a space, as packs before safe keys wrote)."""
+    copy, split = damaged_copy(data, tmp_path)
+    piece = split["shards"]["rgb"][0]
+    index = copy / piece["idx"]
+    lines = index.read_text().splitlines()
+    lines[1 + 5] = lines[1 + 5].replace(".rgb.jpg", " clip.rgb.jpg", 1)  # the sixth sample's line
+    index.write_text("\n".join(lines) + "\n")
+    agree_on_damage(copy, piece["samples"] - 5, "#5 of the shard", Path(piece["tar"]).name, "unreadable index")
+
+
 def test_a_missing_index_is_refused_before_any_work(data, tmp_path):
     copy, split = damaged_copy(data, tmp_path)
     (copy / split["shards"]["rgb"][1]["idx"]).unlink()
