@@ -63,7 +63,7 @@ def load_model(path: Path, device: torch.device, modality: str | None = None) ->
     a = ckpt["args"]
     if modality and a["modality"] != modality:
         raise SystemExit(f"error: {path} is a {a['modality']} stream, given as the {modality} one")
-    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = nets.non_finite_tensors(ckpt["model"])
     if bad:
         raise SystemExit(f"error: {path} holds non-finite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): "
                          f"its training diverged; use an earlier checkpoint")
@@ -105,8 +105,11 @@ def view_sums(model, images: torch.Tensor, stream, flips: list[bool], dtype) -> 
 
 
 @torch.no_grad()
-def frame_scores(model, ckpt: dict, args, device: torch.device) -> tuple[dict, list]:
-    """Softmax and logits per sample key, averaged over the test-time views; and what the loaders lost (by shard)."""
+def frame_scores(model, ckpt: dict, args, device: torch.device, split: dict) -> tuple[dict, list]:
+    """Softmax and logits per sample key, averaged over the test-time views; and what the loaders lost (by shard).
+
+    split: the manifest's entry of args.split (its video ids).
+    """
     a = ckpt["args"]
     stream = open_stream(args.data, args.split, a["modality"], a["flow_len"])
     dtype = inference_dtype(device)
@@ -130,7 +133,7 @@ def frame_scores(model, ckpt: dict, args, device: torch.device) -> tuple[dict, l
     if uneven:
         print(f"warning: {len(uneven)} samples were not seen in every view (e.g. {uneven[0]})")
     keys = sorted(sums)
-    video_of = video_ids_by_key(load_manifest(args.data)["splits"][args.split])
+    video_of = video_ids_by_key(split)
     frames = {"keys": np.array(keys), "videos": np.array([video_of.get(k.rsplit("/", 1)[0], k.rsplit("/", 1)[0]) for k in keys]),
             "frames": np.array([int(k.rsplit("/", 1)[1]) for k in keys]),
             "labels": np.array([sums[k][0] for k in keys], dtype=np.int64),
@@ -215,7 +218,7 @@ def main(args: argparse.Namespace) -> dict:
     split = manifest["splits"].get(args.split)
     if split is None:
         raise SystemExit(f"error: {args.data} has no split {args.split!r}; it has {sorted(manifest['splits'])}")
-    frames, losses = frame_scores(model, ckpt, args, device)
+    frames, losses = frame_scores(model, ckpt, args, device, split)
     scored = coverage(frames, split)
     check_complete(scored, losses, args)
     non_finite = check_finite(frames, args)

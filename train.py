@@ -350,14 +350,6 @@ def load_checkpoint(save_dir: Path, log) -> dict:
     raise SystemExit(f"error: no checkpoint in {save_dir} loads")
 
 
-def non_finite_weights(model: nn.Module) -> list[str]:
-    """Names of the model's tensors holding NaN or inf (one host sync when there are none)."""
-    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-    if torch.stack([torch.isfinite(v).all() for v in state.values()]).all():
-        return []
-    return [k for k, v in state.items() if not torch.isfinite(v).all()]
-
-
 # ---------------------------------------------------------------- training and evaluation
 
 
@@ -699,7 +691,7 @@ def diverged(args, iteration: int, why: str, at: int) -> SystemExit:
 
 def save(args, run: Run, done: int, best: bool) -> None:
     """A checkpoint of iteration `done`, unless its weights are not finite (then the run stops)."""
-    bad = non_finite_weights(run.model)
+    bad = nets.non_finite_tensors(run.model.state_dict())
     if bad:
         raise diverged(args, done, f"the weights hold non-finite values ({', '.join(bad[:3])})", done)
     save_checkpoint(run.state(done), args.save_dir, args.keep, best=best)

@@ -107,6 +107,14 @@ def transform_input_of(ckpt: dict) -> bool:
     return a["arch"] == "inception_v3" and a.get("pretrained") is not None and a["modality"] == "rgb"
 
 
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of a state dict's float tensors that hold NaN or inf (one host sync when there are none)."""
+    floats = {k: v for k, v in state.items() if v.is_floating_point()}
+    if torch.stack([torch.isfinite(v).all() for v in floats.values()]).all():
+        return []
+    return [k for k, v in floats.items() if not torch.isfinite(v).all()]
+
+
 def classifier_keys(arch: str) -> list[str]:
     """The state-dict keys of an architecture's classifier layers (made anew for another class list)."""
     return [f"{path}.{p}" for path in CLASSIFIERS.get(arch, ["fc"]) for p in ("weight", "bias")]
