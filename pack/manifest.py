@@ -78,6 +78,7 @@ def build_manifest(data: Path) -> dict:
                              f"with other parameters or annotation files than {plan_path.name} says: re-pack them with "
                              f"the same command as the other parts (remove their records/ files first)")
         splits[split_dir.name] = {
+            "plan": expected,  # the split's identity: what consumers record and compare (split_identity)
             "complete": done == len(plan["groups"]),
             "groups_done": done,
             "groups_total": len(plan["groups"]),
@@ -92,6 +93,29 @@ def build_manifest(data: Path) -> dict:
             "failed": failed,
         }
     return {"format_version": FORMAT_VERSION, "classes": classes or [], "splits": splits}
+
+
+# The pack parameters that decide what a network's input looks like: a stream trained on one set
+# and given inputs made with another sees other pictures than it learnt (stride, quality and
+# shard sizes do not change that).
+INPUT_PARAMS = ("flow", "flow_len", "flow_bound", "short_side")
+
+
+def params_differ(trained: dict, given: dict, modality: str) -> list[str]:
+    """The input-deciding pack parameters that differ, as "name A vs B" (flow's only for the flow stream)."""
+    names = INPUT_PARAMS if modality == "flow" else ("short_side",)
+    return [f"{n} {trained.get(n)} vs {given.get(n)}" for n in names
+            if n in trained and n in given and trained[n] != given[n]]
+
+
+def split_identity(data: str | Path, manifest: dict, split: str) -> dict:
+    """What an artifact made from one split records of it: the folder, the split, its plan's id, its pack parameters.
+
+    Two artifacts of the same split of the same packed data carry the same `plan`; any other
+    split, or data packed from other annotations or with other parameters, another one.
+    """
+    info = manifest["splits"][split]
+    return {"data": str(data), "split": split, "plan": info.get("plan"), "params": info["params"]}
 
 
 def write_manifest(data: Path) -> dict:
