@@ -33,7 +33,7 @@ import loaders
 import nets
 from loaders.common import check_fills_a_batch, open_stream
 from pack.files import Lock, check_output_dir, json_text
-from pack.manifest import load_manifest
+from pack.manifest import load_manifest, split_identity
 
 # The model's shape: a resumed run keeps its checkpoint's (a flag given anyway must agree).
 MODEL_FLAGS = {"arch": "inception_v3", "modality": None, "input_size": 299, "flow_len": None, "no_flip": False}
@@ -263,7 +263,9 @@ class Run:
         self.optimizer = torch.optim.SGD(param_groups(self.model, args), lr=args.lr, momentum=args.momentum)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, args.step_values, args.gamma)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.pack_params = load_manifest(args.data)["splits"][args.train_split]["params"]  # how the inputs were made
+        # What it was trained on: the split's identity (its plan's id) and how its inputs were made.
+        self.data = split_identity(args.data, load_manifest(args.data), args.train_split)
+        self.pack_params = self.data["params"]
         self.history, self.best = {"train": [], "val": []}, -1.0
         if resumed is not None:
             self.optimizer.load_state_dict(resumed["optimizer"])
@@ -278,7 +280,8 @@ class Run:
     def state(self, iteration: int) -> dict:
         return {"iteration": iteration, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "classes": self.classes,
-                "args": plain_args(self.args), "pack_params": self.pack_params, "init": self.init,
+                "args": plain_args(self.args), "pack_params": self.pack_params, "data": self.data,
+                "init": self.init,
                 "transform_input": bool(getattr(self.model, "transform_input", False)),
                 "history": self.history, "best": self.best,
                 "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}}
