@@ -16,6 +16,7 @@ import argparse
 import importlib.util
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -32,8 +33,8 @@ from tqdm import tqdm
 import loaders
 import nets
 from loaders.common import check_fills_a_batch, open_stream
-from pack.files import Lock, check_output_dir, json_text
-from pack.manifest import load_manifest, split_identity
+from pack.files import Lock, check_output_dir, file_sha256, json_text
+from pack.manifest import load_manifest, params_differ, split_identity
 
 # The model's shape: a resumed run keeps its checkpoint's (a flag given anyway must agree).
 MODEL_FLAGS = {"arch": "inception_v3", "modality": None, "input_size": 299, "flow_len": None, "no_flip": False}
@@ -64,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="start from the weights of a train.py checkpoint (same arch and modality; e.g. the Kinetics "
                         "stream, to fine-tune on UCF101): the classifier is kept if the classes are the same, else "
                         "made anew; iterations, optimiser and schedule start afresh")
+    g.add_argument("--allow-other-params", action="store_true",
+                   help="--init from a stream whose inputs were packed with other parameters (flow method, bound, "
+                        "short side) than this data's: recorded in the checkpoint")
     g.add_argument("--freeze-bn", action="store_true", help="batch-norm layers in eval mode (statistics frozen), as the original")
     g = p.add_argument_group("optimisation (SGD as the original: biases at 2x lr, no decay)")
     g.add_argument("--batch-size", type=int, default=64, help="samples per iteration on each GPU")
@@ -89,6 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints (plus best and latest)")
     g.add_argument("--save-dir", type=Path, default=Path("runs/train"), help="checkpoints, log, TensorBoard, curves")
     g.add_argument("--resume", action="store_true", help="continue from save-dir's latest good checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --save-dir (its checkpoints, log and curves are removed first)")
     g.add_argument("--log-every", type=int, default=20,
                    help="log a line every N iterations (the loss is also checked for NaN there)")
     g.add_argument("--visdom", action="store_true", help="also plot to a running Visdom server (pip install visdom)")
@@ -157,6 +163,12 @@ def check_before_work(args, world: int) -> list[str]:
     """Fail fast, before any model or loader is built, on what the user must fix; the class list."""
     if args.resume and args.init:
         raise SystemExit("error: --resume continues a run, --init starts a new one from a checkpoint; give one of them")
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume continues the run in --save-dir, --overwrite replaces it; give one of them")
+    if args.init and args.init.resolve().parent == args.save_dir.resolve():
+        raise SystemExit(f"error: --init {args.init} lies in --save-dir {args.save_dir}, where this run writes its "
+                         f"checkpoints (a run never writes over its own input): copy it elsewhere, or use another "
+                         f"--save-dir")
     if args.init and args.pretrained:
         raise SystemExit("error: --init already gives the starting weights; drop --pretrained")
     try:
@@ -194,20 +206,66 @@ def settle_model_flags(args, resumed: dict | None, init: dict | None) -> None:
                 raise SystemExit(f"error: --resume: {cli_flag(name)} {given}, but the run in {args.save_dir} was trained "
                                  f"with {kept}; drop {cli_flag(name)}, or start a new run in another --save-dir")
             setattr(args, name, kept)
-        elif given is None:
-            setattr(args, name, init["args"]["arch"] if name == "arch" and init else default)
+        elif given is None:  # --init's architecture and mirroring carry over (a --no-flip stream stays one)
+            carried = name in ("arch", "no_flip") and init is not None
+            setattr(args, name, init["args"].get(name, default) if carried else default)
 
 
-def load_init(args, classes: list[str], flow_len: int) -> dict:
-    """--init's checkpoint, checked against this run: the same architecture, modality and flow length."""
-    init = torch.load(args.init, map_location="cpu", weights_only=True)
+CHECKPOINT_KEYS = ("model", "args", "classes", "iteration")  # what every train.py checkpoint holds
+
+
+def read_checkpoint(path: Path, flag: str) -> dict:
+    """A train.py checkpoint, loaded safely (weights_only), or one line saying what the file is instead."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"error: {flag} {path} holds Python objects beyond tensors (a pickle, not a train.py "
+                         f"checkpoint): it is not loaded, as it could run code ({str(e).splitlines()[0][:120]})") from None
+    except Exception as e:  # cut short, damaged, not a torch file at all
+        raise SystemExit(f"error: {flag} {path} does not load ({type(e).__name__}: {str(e)[:160]}): cut short or "
+                         f"damaged? copy it again, or take another checkpoint of its run") from None
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
+        plain = isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        what = "a plain state_dict (weights without the run's arguments and classes)" if plain else "not one"
+        raise SystemExit(f"error: {flag} {path} is not a train.py checkpoint ({what}); ImageNet weights of a "
+                         f"torchvision .pth file go to --pretrained")
+    return ckpt
+
+
+def check_same_data(args, resumed: dict, classes: list[str], data: dict) -> None:
+    """A resumed run goes on with the data it started on: the same classes, the same packed split (when recorded)."""
+    if resumed["classes"] != classes:
+        raise SystemExit(f"error: the checkpoint has {len(resumed['classes'])} classes, {args.data} has "
+                         f"{len(classes)}: resume with the data it was trained on")
+    was = resumed.get("data")  # checkpoints before provenance do not say
+    if was and (was["split"], was["plan"]) != (data["split"], data["plan"]):
+        raise SystemExit(f"error: --resume: the run in {args.save_dir} was trained on {was['data']}/{was['split']} "
+                         f"(plan {was['plan']}), {args.data}/{args.train_split} is another packed split (plan "
+                         f"{data['plan']}): resume with the data it was trained on, or start a new run with --init")
+
+
+def load_init(args, classes: list[str], flow_len: int, data: dict, log) -> dict:
+    """--init's checkpoint, checked against this run: the same architecture, modality and flow length, finite weights."""
+    init = read_checkpoint(args.init, "--init")
     a = init["args"]
+    bad = nets.non_finite_tensors(init["model"])
+    if bad:
+        raise SystemExit(f"error: --init {args.init} holds non-finite weights ({', '.join(bad[:3])}): its run "
+                         f"diverged; start from an earlier checkpoint of it")
     for name, mine in (("arch", args.arch), ("modality", args.modality)):
-        if a[name] != mine:
+        if mine is not None and a[name] != mine:  # no --arch: --init's (settle_model_flags)
             raise SystemExit(f"error: --init {args.init} is a {a[name]} network, this run's {cli_flag(name)} is {mine}")
     if args.modality == "flow" and a["flow_len"] != flow_len:
         raise SystemExit(f"error: --init {args.init} stacks {a['flow_len']} flow images, this run {flow_len} "
                          f"(--flow-len, or the data's)")
+    differ = params_differ(init.get("pack_params") or {}, data["params"], args.modality)
+    if differ:
+        say = (f"--init {args.init} was trained on inputs packed with other parameters than {args.data}'s "
+               f"({'; '.join(differ)})")
+        if not args.allow_other_params:
+            raise SystemExit(f"error: {say}: re-pack the data with the stream's parameters, or give "
+                             f"--allow-other-params to fine-tune anyway")
+        log(f"note: {say}; going on (--allow-other-params)")
     return init
 
 
@@ -237,20 +295,26 @@ def build_model(args, classes: list[str], flow_len: int, resumed: dict | None, i
     log(f"initialised from {args.init} (iteration {init['iteration']}, {len(init['classes'])} classes): "
         + (f"all weights, the classifier kept (the same {len(classes)} classes)" if kept else
            f"the backbone; the classifier made anew for the {len(classes)} classes here"))
-    return model, {"checkpoint": str(args.init), "iteration": init["iteration"], "classes": len(init["classes"]),
-                   "classifier": "kept" if kept else "new", "from": init.get("init")}
+    return model, {"checkpoint": str(args.init), "sha256": file_sha256(args.init), "iteration": init["iteration"],
+                   "classes": len(init["classes"]), "classifier": "kept" if kept else "new", "data": init.get("data"),
+                   "no_flip": bool(init["args"].get("no_flip")), "other_params": args.allow_other_params,
+                   "from": init.get("init")}
 
 
 class Run:
     """What a checkpoint holds and a resume restores: the model, optimiser, schedule, loss scale, records."""
 
     def __init__(self, args, classes: list[str], flow_len: int, rank: int, device: torch.device, dtype, log):
+        # What it is trained on: the split's identity (its plan's id) and how its inputs were made.
+        self.data = split_identity(args.data, load_manifest(args.data), args.train_split)
+        self.pack_params = self.data["params"]
         resumed = load_checkpoint(args.save_dir, log) if args.resume else None
-        if resumed is not None and resumed["classes"] != classes:
-            raise SystemExit(f"error: the checkpoint has {len(resumed['classes'])} classes, {args.data} has "
-                             f"{len(classes)}: resume with the data it was trained on")
-        init = load_init(args, classes, flow_len) if args.init else None
+        if resumed is not None:
+            check_same_data(args, resumed, classes, self.data)
+        init = load_init(args, classes, flow_len, self.data, log) if args.init else None
         settle_model_flags(args, resumed, init)
+        if init is not None and args.no_flip and init["args"].get("no_flip"):
+            log(f"--no-flip carried over from --init {args.init} (it was trained without mirroring)")
         if args.modality == "flow":
             args.flow_len = flow_len
         self.args, self.classes, self.start = args, classes, resumed["iteration"] if resumed else 0
@@ -263,9 +327,6 @@ class Run:
         self.optimizer = torch.optim.SGD(param_groups(self.model, args), lr=args.lr, momentum=args.momentum)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, args.step_values, args.gamma)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        # What it was trained on: the split's identity (its plan's id) and how its inputs were made.
-        self.data = split_identity(args.data, load_manifest(args.data), args.train_split)
-        self.pack_params = self.data["params"]
         self.history, self.best = {"train": [], "val": []}, -1.0
         if resumed is not None:
             self.optimizer.load_state_dict(resumed["optimizer"])
@@ -310,6 +371,34 @@ def checkpoints(save_dir: Path) -> list[Path]:
     numbered = sorted(save_dir.glob("ckpt-*.pt"), reverse=True)
     latest = save_dir / "latest.pt"
     return ([latest] if latest.exists() else []) + numbered
+
+
+RUN_FILES = ("latest.pt", "best.pt", "ckpt-*.pt", "train.log", "tensorboard", "curves.png")  # what a run writes
+
+
+def claim_save_dir(args) -> str | None:
+    """A fresh run writes only into a --save-dir without another run's checkpoints; --overwrite removes that run first.
+
+    Returns what to say in the log, if anything. Files that train.py did not write are never
+    removed (and a fresh run refuses a folder that holds them: it is not a run's folder).
+    A folder whose earlier run saved no checkpoint (it failed at start) is taken as it is.
+    """
+    if args.resume:
+        return None
+    ours = [p for pattern in RUN_FILES for p in sorted(args.save_dir.glob(pattern))]
+    theirs = [p.name for p in args.save_dir.iterdir() if p not in ours and not p.name.startswith(".")]
+    if theirs:
+        raise SystemExit(f"error: --save-dir {args.save_dir} holds files train.py did not write ({', '.join(theirs[:3])}"
+                         f"{' ...' if len(theirs) > 3 else ''}): give an empty or new folder")
+    saved = [p for p in ours if p.suffix == ".pt"]
+    if not saved:
+        return None
+    if not args.overwrite:
+        raise SystemExit(f"error: --save-dir {args.save_dir} holds a run ({', '.join(p.name for p in saved[:3])}): "
+                         f"give --resume to continue it, --overwrite to replace it, or another --save-dir")
+    for p in ours:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return f"--overwrite: removed the run that was in {args.save_dir} ({len(saved)} checkpoint file(s), its log and curves)"
 
 
 def remove_stale_temporaries(save_dir: Path, log) -> None:
@@ -780,8 +869,12 @@ def main(args: argparse.Namespace) -> dict:
     rank, world, device = setup_distributed(args)
     classes = check_before_work(args, world)
     lock = Lock(args.save_dir / ".train.lock").acquire(f"--save-dir {args.save_dir}") if rank == 0 else None
-    logger = Logger(args, rank == 0)
+    logger = None
     try:
+        replaced = claim_save_dir(args) if rank == 0 else None  # under the lock: no run is using it
+        logger = Logger(args, rank == 0)
+        if replaced:
+            logger.line(replaced)
         if rank == 0:
             remove_stale_temporaries(args.save_dir, logger.line)
         stream = open_stream(args.data, args.train_split, args.modality, args.flow_len)
@@ -812,11 +905,12 @@ def main(args: argparse.Namespace) -> dict:
             plot_curves(run.history, args.save_dir / "curves.png")
             logger.line(f"done: {json_text(summary, indent=None)}; checkpoints and curves.png in {args.save_dir}")
     except SystemExit as e:
-        if isinstance(e.code, str):
+        if logger is not None and isinstance(e.code, str):
             logger.line(e.code, echo=False)  # the reason goes into train.log too (the exit prints it)
         raise
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
         if lock is not None:
             lock.release()
         if world > 1 and dist.is_initialized():

@@ -97,8 +97,9 @@ def build_manifest(data: Path) -> dict:
 
 # The pack parameters that decide what a network's input looks like: a stream trained on one set
 # and given inputs made with another sees other pictures than it learnt (stride, quality and
-# shard sizes do not change that).
-INPUT_PARAMS = ("flow", "flow_len", "flow_bound", "short_side")
+# shard sizes do not change that; nor does the flow length packed: a stream reads its own
+# number of flow images, which open_stream checks the data has).
+INPUT_PARAMS = ("flow", "flow_bound", "short_side")
 
 
 def params_differ(trained: dict, given: dict, modality: str) -> list[str]:

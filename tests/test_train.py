@@ -16,6 +16,7 @@ import torch
 
 import train
 from conftest import PACK_ARGS, ROOT, run_pack
+from pack.files import file_sha256
 from pack.manifest import load_manifest
 
 TINY = ["--arch", "resnet18", "--input-size", "32", "--batch-size", "8", "--workers", "1", "--log-every", "2"]
@@ -284,8 +285,9 @@ def test_init_starts_from_a_trained_stream_with_a_new_classifier_or_its_own(real
         for key, value in trained_on["model"].items():
             same = torch.equal(weights[key], value)
             assert same if (kept or key not in ("fc.weight", "fc.bias")) else not same, key
-        assert run.init == {"checkpoint": str(source / "latest.pt"), "iteration": 10, "classes": 2,
-                            "classifier": "kept" if kept else "new", "from": None}
+        assert run.init == {"checkpoint": str(source / "latest.pt"), "sha256": file_sha256(source / "latest.pt"),
+                            "iteration": 10, "classes": 2, "classifier": "kept" if kept else "new",
+                            "data": trained_on["data"], "no_flip": False, "other_params": False, "from": None}
         assert ("the classifier kept" if kept else "the classifier made anew") in lines[0]
     run_train("--data", real_folders["target"], *TRANSFER, "--max-iterations", "2", "--init", source / "latest.pt",
               "--save-dir", tmp_path / "fine")
