@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import pickle
-import random
-import shutil
 import signal
 import threading
 import time
@@ -28,16 +24,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 import loaders
 import nets
 from loaders.common import check_fills_a_batch, open_stream
-from pack.files import Lock, check_output_dir, file_sha256, json_text
-from pack.manifest import load_manifest, params_differ, split_identity
+from pack.files import Lock, check_output_dir, json_text
+from training.checkpoints import checkpoints, claim_save_dir, remove_stale_temporaries, save_checkpoint
+from training.logs import Logger, Window, plot_curves
+from training.run import Run, plain_args
+from training.step import TrainStep, graph_decision, set_bn_eval
 
-# The model's shape: a resumed run keeps its checkpoint's (a flag given anyway must agree).
-MODEL_FLAGS = {"arch": "inception_v3", "modality": None, "input_size": 299, "flow_len": None, "no_flip": False}
 # fp16: a loss scale below this means even the unscaled gradients overflow: the run has diverged.
 MIN_LOSS_SCALE = 1.0
 
@@ -133,32 +129,6 @@ def amp_dtype(args, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
 
-def param_groups(model: nn.Module, args) -> list[dict]:
-    """The original's Caffe habit: biases at 2x lr without decay; norm layers without decay."""
-    weights, biases, norms = [], [], []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if isinstance(module, nn.modules.batchnorm._NormBase):
-                norms.append(param)
-            elif name == "bias":
-                biases.append(param)
-            else:
-                weights.append(param)
-    return [{"params": weights, "lr": args.lr, "weight_decay": args.weight_decay},
-            {"params": biases, "lr": 2 * args.lr, "weight_decay": 0.0},
-            {"params": norms, "lr": args.lr, "weight_decay": 0.0}]
-
-
-def plain_args(args) -> dict:
-    """The arguments as JSON and weights_only checkpoints can hold them (paths as strings)."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
-
-def cli_flag(name: str) -> str:
-    """An argument's command-line spelling: input_size -> --input-size."""
-    return "--" + name.replace("_", "-")
-
-
 def check_before_work(args, world: int) -> list[str]:
     """Fail fast, before any model or loader is built, on what the user must fix; the class list."""
     if args.resume and args.init:
@@ -196,158 +166,6 @@ def check_before_work(args, world: int) -> list[str]:
     return stream.classes
 
 
-def settle_model_flags(args, resumed: dict | None, init: dict | None) -> None:
-    """The model's flags: a resumed run's own (a flag given must agree), else as given, --init's arch, or the defaults."""
-    for name, default in MODEL_FLAGS.items():
-        given = getattr(args, name)
-        if resumed is not None:
-            kept = resumed["args"].get(name, default)
-            if given is not None and given != kept:
-                raise SystemExit(f"error: --resume: {cli_flag(name)} {given}, but the run in {args.save_dir} was trained "
-                                 f"with {kept}; drop {cli_flag(name)}, or start a new run in another --save-dir")
-            setattr(args, name, kept)
-        elif given is None:  # --init's architecture and mirroring carry over (a --no-flip stream stays one)
-            carried = name in ("arch", "no_flip") and init is not None
-            setattr(args, name, init["args"].get(name, default) if carried else default)
-
-
-CHECKPOINT_KEYS = ("model", "args", "classes", "iteration")  # what every train.py checkpoint holds
-
-
-def read_checkpoint(path: Path, flag: str) -> dict:
-    """A train.py checkpoint, loaded safely (weights_only), or one line saying what the file is instead."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise SystemExit(f"error: {flag} {path} holds Python objects beyond tensors (a pickle, not a train.py "
-                         f"checkpoint): it is not loaded, as it could run code ({str(e).splitlines()[0][:120]})") from None
-    except Exception as e:  # cut short, damaged, not a torch file at all
-        raise SystemExit(f"error: {flag} {path} does not load ({type(e).__name__}: {str(e)[:160]}): cut short or "
-                         f"damaged? copy it again, or take another checkpoint of its run") from None
-    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
-        plain = isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
-        what = "a plain state_dict (weights without the run's arguments and classes)" if plain else "not one"
-        raise SystemExit(f"error: {flag} {path} is not a train.py checkpoint ({what}); ImageNet weights of a "
-                         f"torchvision .pth file go to --pretrained")
-    return ckpt
-
-
-def check_same_data(args, resumed: dict, classes: list[str], data: dict) -> None:
-    """A resumed run goes on with the data it started on: the same classes, the same packed split (when recorded)."""
-    if resumed["classes"] != classes:
-        raise SystemExit(f"error: the checkpoint has {len(resumed['classes'])} classes, {args.data} has "
-                         f"{len(classes)}: resume with the data it was trained on")
-    was = resumed.get("data")  # checkpoints before provenance do not say
-    if was and (was["split"], was["plan"]) != (data["split"], data["plan"]):
-        raise SystemExit(f"error: --resume: the run in {args.save_dir} was trained on {was['data']}/{was['split']} "
-                         f"(plan {was['plan']}), {args.data}/{args.train_split} is another packed split (plan "
-                         f"{data['plan']}): resume with the data it was trained on, or start a new run with --init")
-
-
-def load_init(args, classes: list[str], flow_len: int, data: dict, log) -> dict:
-    """--init's checkpoint, checked against this run: the same architecture, modality and flow length, finite weights."""
-    init = read_checkpoint(args.init, "--init")
-    a = init["args"]
-    bad = nets.non_finite_tensors(init["model"])
-    if bad:
-        raise SystemExit(f"error: --init {args.init} holds non-finite weights ({', '.join(bad[:3])}): its run "
-                         f"diverged; start from an earlier checkpoint of it")
-    for name, mine in (("arch", args.arch), ("modality", args.modality)):
-        if mine is not None and a[name] != mine:  # no --arch: --init's (settle_model_flags)
-            raise SystemExit(f"error: --init {args.init} is a {a[name]} network, this run's {cli_flag(name)} is {mine}")
-    if args.modality == "flow" and a["flow_len"] != flow_len:
-        raise SystemExit(f"error: --init {args.init} stacks {a['flow_len']} flow images, this run {flow_len} "
-                         f"(--flow-len, or the data's)")
-    differ = params_differ(init.get("pack_params") or {}, data["params"], args.modality)
-    if differ:
-        say = (f"--init {args.init} was trained on inputs packed with other parameters than {args.data}'s "
-               f"({'; '.join(differ)})")
-        if not args.allow_other_params:
-            raise SystemExit(f"error: {say}: re-pack the data with the stream's parameters, or give "
-                             f"--allow-other-params to fine-tune anyway")
-        log(f"note: {say}; going on (--allow-other-params)")
-    return init
-
-
-def build_model(args, classes: list[str], flow_len: int, resumed: dict | None, init: dict | None,
-                log) -> tuple[nn.Module, dict | None]:
-    """The network: a resumed run's, --init's weights with this run's classifier, or from --pretrained (or scratch).
-
-    Returns it and what it started from (recorded in every checkpoint: --init's checkpoint and its classifier).
-    """
-    source = resumed or init
-    model = nets.build(args.arch, len(classes), args.modality, flow_len, None if source else args.pretrained,
-                       transform_input=nets.transform_input_of(source) if source else None)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        return model, resumed.get("init")
-    if init is None:
-        return model, None
-    weights = dict(init["model"])
-    kept = init["classes"] == classes
-    if not kept:
-        for key in nets.classifier_keys(args.arch):
-            del weights[key]
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or set(missing) != (set() if kept else set(nets.classifier_keys(args.arch))):
-        raise SystemExit(f"error: --init {args.init}: its weights do not fit this network (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    log(f"initialised from {args.init} (iteration {init['iteration']}, {len(init['classes'])} classes): "
-        + (f"all weights, the classifier kept (the same {len(classes)} classes)" if kept else
-           f"the backbone; the classifier made anew for the {len(classes)} classes here"))
-    return model, {"checkpoint": str(args.init), "sha256": file_sha256(args.init), "iteration": init["iteration"],
-                   "classes": len(init["classes"]), "classifier": "kept" if kept else "new", "data": init.get("data"),
-                   "no_flip": bool(init["args"].get("no_flip")), "other_params": args.allow_other_params,
-                   "from": init.get("init")}
-
-
-class Run:
-    """What a checkpoint holds and a resume restores: the model, optimiser, schedule, loss scale, records."""
-
-    def __init__(self, args, classes: list[str], flow_len: int, rank: int, device: torch.device, dtype, log):
-        # What it is trained on: the split's identity (its plan's id) and how its inputs were made.
-        self.data = split_identity(args.data, load_manifest(args.data), args.train_split)
-        self.pack_params = self.data["params"]
-        resumed = load_checkpoint(args.save_dir, log) if args.resume else None
-        if resumed is not None:
-            check_same_data(args, resumed, classes, self.data)
-        init = load_init(args, classes, flow_len, self.data, log) if args.init else None
-        settle_model_flags(args, resumed, init)
-        if init is not None and args.no_flip and init["args"].get("no_flip"):
-            log(f"--no-flip carried over from --init {args.init} (it was trained without mirroring)")
-        if args.modality == "flow":
-            args.flow_len = flow_len
-        self.args, self.classes, self.start = args, classes, resumed["iteration"] if resumed else 0
-        torch.manual_seed(args.seed + self.start + rank)  # DDP: rank 0's initial weights are broadcast
-        random.seed(args.seed + self.start + rank)
-        model, self.init = build_model(args, classes, flow_len, resumed, init, log)
-        self.model = model.to(device)
-        if args.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(param_groups(self.model, args), lr=args.lr, momentum=args.momentum)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, args.step_values, args.gamma)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.history, self.best = {"train": [], "val": []}, -1.0
-        if resumed is not None:
-            self.optimizer.load_state_dict(resumed["optimizer"])
-            self.scheduler.load_state_dict(resumed["scheduler"])
-            self.scaler.load_state_dict(resumed["scaler"])
-            self.history, self.best = resumed["history"], resumed["best"]
-            torch.set_rng_state(resumed["rng"]["torch"])
-            python = resumed["rng"]["python"]
-            random.setstate((python[0], tuple(python[1]), python[2]))
-            log(f"resumed from iteration {self.start} (lr {self.scheduler.get_last_lr()[0]:g})")
-
-    def state(self, iteration: int) -> dict:
-        return {"iteration": iteration, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "classes": self.classes,
-                "args": plain_args(self.args), "pack_params": self.pack_params, "data": self.data,
-                "init": self.init,
-                "transform_input": bool(getattr(self.model, "transform_input", False)),
-                "history": self.history, "best": self.best,
-                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}}
-
-
 def build_loaders(args, run: Run, stream, rank: int, world: int, device: torch.device, dtype):
     """(training batches without end, the training loader or None, the validation loader or None)."""
     if args.synthetic_data:
@@ -361,88 +179,6 @@ def build_loaders(args, run: Run, stream, rank: int, world: int, device: torch.d
     val_loader = (loaders.build(args.data, args.val_split, args.modality, False, args.batch_size, **common)
                   if args.val_split else None)
     return forever(train_loader), train_loader, val_loader
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def checkpoints(save_dir: Path) -> list[Path]:
-    """Resume candidates, best first: latest, then the numbered ones newest first."""
-    numbered = sorted(save_dir.glob("ckpt-*.pt"), reverse=True)
-    latest = save_dir / "latest.pt"
-    return ([latest] if latest.exists() else []) + numbered
-
-
-RUN_FILES = ("latest.pt", "best.pt", "ckpt-*.pt", "train.log", "tensorboard", "curves.png")  # what a run writes
-
-
-def claim_save_dir(args) -> str | None:
-    """A fresh run writes only into a --save-dir without another run's checkpoints; --overwrite removes that run first.
-
-    Returns what to say in the log, if anything. Files that train.py did not write are never
-    removed (and a fresh run refuses a folder that holds them: it is not a run's folder).
-    A folder whose earlier run saved no checkpoint (it failed at start) is taken as it is.
-    """
-    if args.resume:
-        return None
-    ours = [p for pattern in RUN_FILES for p in sorted(args.save_dir.glob(pattern))]
-    theirs = [p.name for p in args.save_dir.iterdir() if p not in ours and not p.name.startswith(".")]
-    if theirs:
-        raise SystemExit(f"error: --save-dir {args.save_dir} holds files train.py did not write ({', '.join(theirs[:3])}"
-                         f"{' ...' if len(theirs) > 3 else ''}): give an empty or new folder")
-    saved = [p for p in ours if p.suffix == ".pt"]
-    if not saved:
-        return None
-    if not args.overwrite:
-        raise SystemExit(f"error: --save-dir {args.save_dir} holds a run ({', '.join(p.name for p in saved[:3])}): "
-                         f"give --resume to continue it, --overwrite to replace it, or another --save-dir")
-    for p in ours:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return f"--overwrite: removed the run that was in {args.save_dir} ({len(saved)} checkpoint file(s), its log and curves)"
-
-
-def remove_stale_temporaries(save_dir: Path, log) -> None:
-    """Half-written checkpoints of a run that was killed while saving (the save-dir's lock says none is running)."""
-    stale = list(save_dir.glob(".*.pt.tmp*"))
-    for tmp in stale:
-        tmp.unlink()
-    if stale:
-        log(f"removed {len(stale)} half-written checkpoint(s) of an earlier run that was killed while saving")
-
-
-def atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(state: dict, save_dir: Path, keep: int, best: bool) -> None:
-    """ckpt-{iteration}.pt, then latest.pt and best.pt as links to it; older ones beyond `keep` go."""
-    path = save_dir / f"ckpt-{state['iteration']:08d}.pt"
-    atomic_save(state, path)
-    for name in ["latest.pt"] + (["best.pt"] if best else []):
-        tmp = save_dir / f".{name}.tmp{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, save_dir / name)
-    for old in sorted(save_dir.glob("ckpt-*.pt"))[:-keep]:
-        old.unlink()
-
-
-def load_checkpoint(save_dir: Path, log) -> dict:
-    """The newest checkpoint that loads; a broken one is reported and the previous one tried."""
-    for path in checkpoints(save_dir):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or corrupt file: say so, fall back
-            log(f"checkpoint {path} does not load ({type(e).__name__}: {e}); trying the previous one")
-    raise SystemExit(f"error: no checkpoint in {save_dir} loads")
-
-
-# ---------------------------------------------------------------- training and evaluation
 
 
 def forever(loader):
@@ -467,187 +203,7 @@ def synthetic_batches(args, channels: int, classes: int, device: torch.device):
         yield images, labels, None
 
 
-def graph_decision(args, device: torch.device, dtype, world: int) -> tuple[bool, str]:
-    """Whether to capture the training step as one CUDA graph, and why (said in the log)."""
-    if args.cuda_graph == "off":
-        return False, "off (--cuda-graph off)"
-    if device.type != "cuda":
-        why_not = "it needs a CUDA device"
-    elif dtype == torch.float16:
-        why_not = "fp16's dynamic loss scale decides on the host whether to skip a step: use --amp bf16"
-    elif args.compile:
-        why_not = "--compile and a captured step are not combined"
-    elif world > 1:
-        why_not = "it is not combined with DDP (several processes): each steps eagerly"
-    else:
-        return True, "on: each step is one CUDA graph replay"
-    if args.cuda_graph == "on":
-        raise SystemExit(f"error: --cuda-graph on: {why_not}; use --cuda-graph auto or off")
-    return False, f"off: {why_not}"
-
-
-class TrainStep:
-    """One training step (forward, loss, backward, SGD step): eager, or one CUDA graph replayed.
-
-    A CUDA graph replays the kernels of the step recorded once, on the same memory, with one
-    launch instead of hundreds: each batch is copied into the graph's static input first.
-    The first `warmup` steps run eagerly (on a side stream, as capture needs) so that cuDNN's
-    autotuning and the momentum buffers are done before the capture. The SGD step in the
-    graph is the fused kernel reading each group's learning rate from device memory,
-    refreshed from the optimiser's before each replay: the schedule works as in eager mode.
-    The loss returned is the graph's own output, overwritten by the next step.
-    A capture that raises, or a first replay whose loss is not finite where the eager
-    warm-up steps' were, falls back to eager steps (the state before that replay restored, the
-    step redone), with one log line; with strict (--cuda-graph on) either is an error.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 dtype: torch.dtype | None, graphed: bool, warmup: int = 3, strict: bool = False, log=print):
-        self.model, self.optimizer, self.scaler, self.dtype = model, optimizer, scaler, dtype
-        self.graphed, self.warmup, self.steps, self.strict, self.log = graphed, warmup, 0, strict, log
-        self.graph = self.side = None  # the graph, and the side stream it is captured on
-        self.warmup_losses = []
-
-    def eager(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # No autocast cache: a graph must cast the weights in each replay, not reuse the capture's casts.
-        with torch.autocast(images.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None,
-                            cache_enabled=False):
-            loss = nets.loss_fn(self.model(images), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach()
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.steps += 1
-        if not self.graphed:
-            return self.eager(images, labels)
-        if self.steps <= self.warmup:  # on the stream the capture will use: its library handles are made now
-            self.side = self.side or torch.cuda.Stream()
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                loss = self.eager(images, labels)
-            torch.cuda.current_stream().wait_stream(self.side)
-            self.warmup_losses.append(loss)
-            return loss
-        if self.graph is None:
-            return self.first_replay(images, labels)
-        return self.replay(images, labels)
-
-    def replay(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.images.copy_(images, non_blocking=True)
-        self.labels.copy_(labels, non_blocking=True)
-        for lr, group in zip(self.lrs, self.optimizer.param_groups):
-            lr.fill_(group["lr"])
-        self.graph.replay()
-        return self.loss
-
-    def first_replay(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Capture, then replay once and check it (one host sync, once), keeping the state before it to undo it."""
-        before = [t.detach().clone() for t in self.state()]
-        try:
-            self.capture(images, labels)
-        except Exception as e:  # whatever the capture raised is said, and the run goes on eagerly
-            return self.fall_back(f"the capture failed ({type(e).__name__}: {str(e)[:200]})", images, labels, before)
-        loss = self.replay(images, labels)
-        if not torch.isfinite(loss) and torch.isfinite(torch.stack(self.warmup_losses)).all():
-            return self.fall_back("the first replay's loss is not finite, the eager warm-up steps' were", images,
-                                  labels, before)
-        return loss
-
-    def fall_back(self, why: str, images: torch.Tensor, labels: torch.Tensor, before: list) -> torch.Tensor:
-        if self.strict:
-            raise SystemExit(f"error: --cuda-graph on: {why}; use --cuda-graph auto (it falls back to eager steps) or off")
-        for tensor, saved in zip(self.state(), before):
-            tensor.copy_(saved)
-        self.graphed = False
-        self.graph = self.images = self.labels = self.loss = self.lrs = None  # the graph's memory goes with them
-        self.log(f"CUDA graph off from step {self.steps}: {why}; the step redone eagerly, and every step after it")
-        return self.eager(images, labels)
-
-    def state(self) -> list[torch.Tensor]:
-        """What a step changes: the weights and buffers (batch-norm statistics), the momentum buffers."""
-        return list(self.model.state_dict().values()) + [s["momentum_buffer"] for s in self.optimizer.state.values()
-                                                          if s.get("momentum_buffer") is not None]
-
-    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Record one step on static copies of the batch; nothing runs until the first replay."""
-        self.images, self.labels = torch.empty_like(images), torch.empty_like(labels)
-        groups = self.optimizer.param_groups
-        self.lrs = torch.zeros(len(groups), device=images.device)
-        saved = [(group["lr"], group["fused"]) for group in groups]
-        for group, lr in zip(groups, self.lrs):  # the fused SGD kernel reads a tensor lr at replay time
-            group["lr"], group["fused"] = lr, True
-        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph, stream=self.side):
-                self.loss = self.eager(self.images, self.labels)
-        finally:
-            for group, (lr, fused) in zip(groups, saved):  # the schedule and checkpoints see plain numbers
-                group["lr"], group["fused"] = lr, fused
-
-
-def set_bn_eval(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, batches: int, dtype, device: torch.device, world: int) -> dict:
-    """Frame top-1, top-3 and loss over the first `batches` batches (a fixed subset); a non-finite row counts as wrong."""
-    model.eval()
-    totals = torch.zeros(5, device=device, dtype=torch.float64)  # loss sum, top1, top3, count, non-finite rows
-    for i, (images, labels, _) in enumerate(loader):
-        if i >= batches:
-            break
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(images)
-        logits = logits.float()
-        finite = torch.isfinite(logits).all(1)
-        top = logits.topk(min(3, logits.shape[1]), dim=1).indices
-        loss = nn.functional.cross_entropy(logits, labels, reduction="none")
-        totals[[0, 1, 2, 4]] += torch.stack([loss.where(finite, 0).sum(), ((top[:, 0] == labels) & finite).sum(),
-                                             ((top == labels[:, None]).any(1) & finite).sum(),
-                                             (~finite).sum()]).to(totals)  # no host sync
-        totals[3] += labels.numel()
-    if world > 1:
-        dist.all_reduce(totals)
-    loss, top1, top3, n, non_finite = totals.tolist()
-    model.train()
-    return {"loss": loss / max(n - non_finite, 1), "top1": top1 / max(n, 1), "top3": top3 / max(n, 1),
-            "samples": int(n), "non_finite": int(non_finite)}
-
-
-class Window:
-    """The steps since the last log line: their losses stay on the device (read once a line, no host sync a step)."""
-
-    def __init__(self, size: int, device: torch.device, first: int):
-        self.losses = torch.zeros(size, device=device)
-        self.reset(first)
-
-    def reset(self, first: int) -> None:
-        self.first, self.steps, self.wait, self.images, self.started = first, 0, 0.0, 0, time.perf_counter()
-
-    def add(self, loss: torch.Tensor, images: int, wait: float) -> None:
-        self.losses[self.steps] = loss  # a copy on the device: the graph's loss is overwritten by the next step
-        self.steps += 1
-        self.images += images
-        self.wait += wait
-
-    def first_non_finite(self, world: int) -> int | None:
-        """The iteration of the window's first non-finite loss, on any process (a host sync; DDP: all agree)."""
-        bad = (~torch.isfinite(self.losses[:self.steps])).nonzero()
-        first = torch.tensor([self.first + int(bad[0]) + 1 if len(bad) else 2**62], device=self.losses.device)
-        if world > 1:
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        return None if first.item() == 2**62 else first.item()
-
-    def mean_loss(self) -> float:
-        finite = self.losses[:self.steps][torch.isfinite(self.losses[:self.steps])]  # fp16's skipped steps left out
-        return finite.mean().item() if len(finite) else float("nan")
+# ---------------------------------------------------------------- training
 
 
 class StopRequest:
@@ -679,96 +235,6 @@ class StopRequest:
         asked = torch.tensor([float(self.requested)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(asked, op=dist.ReduceOp.MAX)
         return bool(asked.item())
-
-
-class Logger:
-    """Where the run is told, on rank 0: train.log, the progress bar, TensorBoard and, if asked, Visdom."""
-
-    def __init__(self, args, main_rank: bool):
-        self.on, self.args = main_rank, args
-        self.file = open(args.save_dir / "train.log", "a") if main_rank else None
-        self.writer = self.visdom = self.bar = None
-
-    def line(self, text: str, echo: bool = True) -> None:
-        if self.on:
-            if echo:
-                tqdm.write(text)
-            self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
-            self.file.flush()
-
-    def start(self, first: int) -> None:
-        """The progress bar and the plotting sinks, once the run is set up."""
-        if not self.on:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(self.args.save_dir / "tensorboard", purge_step=first)
-        if self.args.visdom:
-            import visdom
-
-            self.visdom = visdom.Visdom(env=f"train-{self.args.modality}")
-        self.bar = tqdm(initial=first, total=self.args.max_iterations, unit="it", dynamic_ncols=True)
-
-    def step(self) -> None:
-        if self.bar is not None:
-            self.bar.update()
-
-    def train(self, iteration: int, figures: dict) -> None:
-        if not self.on:
-            return
-        f = figures
-        self.bar.set_postfix(loss=f"{f['loss']:.3f}", lr=f"{f['lr']:.2g}", img_s=f"{f['images_per_s']:.0f}",
-                             data_wait=f"{100 * f['data_wait']:.0f}%")
-        skipped = f" fp16-skipped-steps {f['skipped_steps']}" if "skipped_steps" in f else ""
-        self.file.write(f"it {iteration} loss {f['loss']:.4f} lr {f['lr']:.3g} images/s {f['images_per_s']:.1f} "
-                        f"data-wait {100 * f['data_wait']:.1f}%{skipped}\n")
-        self.file.flush()  # for tail -f
-        for name, value in f.items():
-            self.writer.add_scalar(f"train/{name}", value, iteration)
-        if self.visdom:
-            self.visdom.line([f["loss"]], [iteration], win="loss", update="append", opts={"title": "train loss"})
-
-    def val(self, iteration: int, metrics: dict, is_best: bool) -> None:
-        bad = f", {metrics['non_finite']} not finite, counted wrong" if metrics["non_finite"] else ""
-        self.line(f"validation at {iteration}: frame top-1 {metrics['top1']:.3f} top-3 {metrics['top3']:.3f} "
-                  f"loss {metrics['loss']:.3f} ({metrics['samples']} samples{bad}){' best' if is_best else ''}")
-        if self.on:
-            for k in ("loss", "top1", "top3"):
-                self.writer.add_scalar(f"val/{k}", metrics[k], iteration)
-
-    def close(self) -> None:
-        if self.on:
-            for sink in (self.bar, self.writer):
-                if sink is not None:
-                    sink.close()
-            self.file.close()
-
-
-def plot_curves(history: dict, path: Path) -> None:
-    """Loss and validation accuracy against iterations, as a PNG next to the checkpoints."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    if history["train"]:
-        it, loss = zip(*history["train"])
-        ax1.plot(it, loss, label="train loss")
-    if history["val"]:
-        it, vals = zip(*[(h[0], h[1]) for h in history["val"]])
-        ax1.plot(it, [v["loss"] for v in vals], "o-", label="val loss")
-        ax2.plot(it, [v["top1"] for v in vals], "o-", label="val frame top-1")
-        ax2.plot(it, [v["top3"] for v in vals], "s--", label="val frame top-3")
-    ax1.set(xlabel="iteration", ylabel="loss", title="loss")
-    ax2.set(xlabel="iteration", ylabel="accuracy", title="validation accuracy", ylim=(0, 1))
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def diverged(args, iteration: int, why: str, at: int) -> SystemExit:
@@ -863,6 +329,35 @@ def train(args, run: Run, step, batches, val_loader, logger: Logger, stop: StopR
     return {"iterations": args.max_iterations, "best_val_top1": run.best,
             "images_per_s": totals["images"] / max(totals["wall"], 1e-9),
             "data_wait": totals["wait"] / max(totals["wall"], 1e-9), "fp16_skipped_steps": skipped_steps}
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, batches: int, dtype, device: torch.device, world: int) -> dict:
+    """Frame top-1, top-3 and loss over the first `batches` batches (a fixed subset); a non-finite row counts as wrong."""
+    model.eval()
+    totals = torch.zeros(5, device=device, dtype=torch.float64)  # loss sum, top1, top3, count, non-finite rows
+    for i, (images, labels, _) in enumerate(loader):
+        if i >= batches:
+            break
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        finite = torch.isfinite(logits).all(1)
+        top = logits.topk(min(3, logits.shape[1]), dim=1).indices
+        loss = nn.functional.cross_entropy(logits, labels, reduction="none")
+        totals[[0, 1, 2, 4]] += torch.stack([loss.where(finite, 0).sum(), ((top[:, 0] == labels) & finite).sum(),
+                                             ((top == labels[:, None]).any(1) & finite).sum(),
+                                             (~finite).sum()]).to(totals)  # no host sync
+        totals[3] += labels.numel()
+    if world > 1:
+        dist.all_reduce(totals)
+    loss, top1, top3, n, non_finite = totals.tolist()
+    model.train()
+    return {"loss": loss / max(n - non_finite, 1), "top1": top1 / max(n, 1), "top3": top3 / max(n, 1),
+            "samples": int(n), "non_finite": int(non_finite)}
 
 
 def main(args: argparse.Namespace) -> dict:

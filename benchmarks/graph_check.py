@@ -15,16 +15,17 @@ import copy
 import torch
 
 import nets
-import train
+from training.run import param_groups
+from training.step import TrainStep
 
 
 def run(model: torch.nn.Module, graphed: bool, steps: int, device: torch.device) -> tuple[list[float], torch.nn.Module]:
     model = copy.deepcopy(model)
     args = argparse.Namespace(lr=0.01, weight_decay=5e-4)
-    optimizer = torch.optim.SGD(train.param_groups(model, args), lr=args.lr, momentum=0.9)
+    optimizer = torch.optim.SGD(param_groups(model, args), lr=args.lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [steps // 2], 0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    step = train.TrainStep(model, optimizer, scaler, torch.bfloat16, graphed)
+    step = TrainStep(model, optimizer, scaler, torch.bfloat16, graphed)
     batches = torch.Generator(device=device).manual_seed(1)
     losses = []
     for _ in range(steps):

@@ -18,6 +18,8 @@ import train
 from conftest import PACK_ARGS, ROOT, run_pack
 from pack.files import file_sha256
 from pack.manifest import load_manifest
+from training.run import Run, param_groups
+from training.step import TrainStep, graph_decision
 
 TINY = ["--arch", "resnet18", "--input-size", "32", "--batch-size", "8", "--workers", "1", "--log-every", "2"]
 
@@ -126,7 +128,7 @@ def test_cuda_graph_where_it_works_and_clear_refusals(data, tmp_path):
     """Which steps are graphed (the graph itself needs a GPU: benchmarks/gpu_check.sh runs it)."""
     def decide(extra, device, dtype, world=1):
         args = train.get_args_parser().parse_args(["--data", str(data), "--modality", "rgb", *extra])
-        return train.graph_decision(args, torch.device(device), dtype, world)
+        return graph_decision(args, torch.device(device), dtype, world)
 
     assert decide([], "cuda", torch.bfloat16)[0] and decide([], "cuda", None)[0]  # bf16 and fp32
     assert decide(["--cuda-graph", "off"], "cuda", torch.bfloat16) == (False, "off (--cuda-graph off)")
@@ -280,7 +282,7 @@ def test_init_starts_from_a_trained_stream_with_a_new_classifier_or_its_own(real
         args = run_args("--data", data, *TRANSFER, "--init", source / "latest.pt", "--save-dir", tmp_path / "x")
         classes = train.check_before_work(args, 1)
         lines = []
-        run = train.Run(args, classes, 1, 0, torch.device("cpu"), None, lines.append)
+        run = Run(args, classes, 1, 0, torch.device("cpu"), None, lines.append)
         weights = run.model.state_dict()
         for key, value in trained_on["model"].items():
             same = torch.equal(weights[key], value)
@@ -395,10 +397,10 @@ class FakeCuda:
 
         torch.manual_seed(0)
         model = nets.build("resnet18", 4, "rgb")
-        optimizer = torch.optim.SGD(train.param_groups(model, argparse.Namespace(lr=0.01, weight_decay=5e-4)),
+        optimizer = torch.optim.SGD(param_groups(model, argparse.Namespace(lr=0.01, weight_decay=5e-4)),
                                     lr=0.01, momentum=0.9)
         lines = []
-        self.step = train.TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None, graphed,
+        self.step = TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None, graphed,
                                     strict=strict, log=lines.append)
         batches = torch.Generator().manual_seed(1)
         losses = [self.step(torch.randn(4, 3, 32, 32, generator=batches), torch.randint(0, 4, (4,), generator=batches)).item()

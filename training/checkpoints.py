@@ -1,0 +1,106 @@
+"""Checkpoint files: written whole (then renamed), loaded safely, kept or rotated; a save-dir holds one run."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+
+
+CHECKPOINT_KEYS = ("model", "args", "classes", "iteration")  # what every train.py checkpoint holds
+
+
+def read_checkpoint(path: Path, flag: str) -> dict:
+    """A train.py checkpoint, loaded safely (weights_only), or one line saying what the file is instead."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"error: {flag} {path} holds Python objects beyond tensors (a pickle, not a train.py "
+                         f"checkpoint): it is not loaded, as it could run code ({str(e).splitlines()[0][:120]})") from None
+    except Exception as e:  # cut short, damaged, not a torch file at all
+        raise SystemExit(f"error: {flag} {path} does not load ({type(e).__name__}: {str(e)[:160]}): cut short or "
+                         f"damaged? copy it again, or take another checkpoint of its run") from None
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
+        plain = isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        what = "a plain state_dict (weights without the run's arguments and classes)" if plain else "not one"
+        raise SystemExit(f"error: {flag} {path} is not a train.py checkpoint ({what}); ImageNet weights of a "
+                         f"torchvision .pth file go to --pretrained")
+    return ckpt
+
+
+def checkpoints(save_dir: Path) -> list[Path]:
+    """Resume candidates, best first: latest, then the numbered ones newest first."""
+    numbered = sorted(save_dir.glob("ckpt-*.pt"), reverse=True)
+    latest = save_dir / "latest.pt"
+    return ([latest] if latest.exists() else []) + numbered
+
+
+RUN_FILES = ("latest.pt", "best.pt", "ckpt-*.pt", "train.log", "tensorboard", "curves.png")  # what a run writes
+
+
+def claim_save_dir(args) -> str | None:
+    """A fresh run writes only into a --save-dir without another run's checkpoints; --overwrite removes that run first.
+
+    Returns what to say in the log, if anything. Files that train.py did not write are never
+    removed (and a fresh run refuses a folder that holds them: it is not a run's folder).
+    A folder whose earlier run saved no checkpoint (it failed at start) is taken as it is.
+    """
+    if args.resume:
+        return None
+    ours = [p for pattern in RUN_FILES for p in sorted(args.save_dir.glob(pattern))]
+    theirs = [p.name for p in args.save_dir.iterdir() if p not in ours and not p.name.startswith(".")]
+    if theirs:
+        raise SystemExit(f"error: --save-dir {args.save_dir} holds files train.py did not write ({', '.join(theirs[:3])}"
+                         f"{' ...' if len(theirs) > 3 else ''}): give an empty or new folder")
+    saved = [p for p in ours if p.suffix == ".pt"]
+    if not saved:
+        return None
+    if not args.overwrite:
+        raise SystemExit(f"error: --save-dir {args.save_dir} holds a run ({', '.join(p.name for p in saved[:3])}): "
+                         f"give --resume to continue it, --overwrite to replace it, or another --save-dir")
+    for p in ours:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return f"--overwrite: removed the run that was in {args.save_dir} ({len(saved)} checkpoint file(s), its log and curves)"
+
+
+def remove_stale_temporaries(save_dir: Path, log) -> None:
+    """Half-written checkpoints of a run that was killed while saving (the save-dir's lock says none is running)."""
+    stale = list(save_dir.glob(".*.pt.tmp*"))
+    for tmp in stale:
+        tmp.unlink()
+    if stale:
+        log(f"removed {len(stale)} half-written checkpoint(s) of an earlier run that was killed while saving")
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict, save_dir: Path, keep: int, best: bool) -> None:
+    """ckpt-{iteration}.pt, then latest.pt and best.pt as links to it; older ones beyond `keep` go."""
+    path = save_dir / f"ckpt-{state['iteration']:08d}.pt"
+    atomic_save(state, path)
+    for name in ["latest.pt"] + (["best.pt"] if best else []):
+        tmp = save_dir / f".{name}.tmp{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, save_dir / name)
+    for old in sorted(save_dir.glob("ckpt-*.pt"))[:-keep]:
+        old.unlink()
+
+
+def load_checkpoint(save_dir: Path, log) -> dict:
+    """The newest checkpoint that loads; a broken one is reported and the previous one tried."""
+    for path in checkpoints(save_dir):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or corrupt file: say so, fall back
+            log(f"checkpoint {path} does not load ({type(e).__name__}: {e}); trying the previous one")
+    raise SystemExit(f"error: no checkpoint in {save_dir} loads")

@@ -1,0 +1,175 @@
+"""What a checkpoint holds and a resume restores (the run's state), and where a run starts from (--init, --pretrained)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import nets
+from pack.files import file_sha256
+from pack.manifest import load_manifest, params_differ, split_identity
+
+from .checkpoints import load_checkpoint, read_checkpoint
+
+
+# The model's shape: a resumed run keeps its checkpoint's (a flag given anyway must agree).
+MODEL_FLAGS = {"arch": "inception_v3", "modality": None, "input_size": 299, "flow_len": None, "no_flip": False}
+
+
+def param_groups(model: nn.Module, args) -> list[dict]:
+    """The original's Caffe habit: biases at 2x lr without decay; norm layers without decay."""
+    weights, biases, norms = [], [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                norms.append(param)
+            elif name == "bias":
+                biases.append(param)
+            else:
+                weights.append(param)
+    return [{"params": weights, "lr": args.lr, "weight_decay": args.weight_decay},
+            {"params": biases, "lr": 2 * args.lr, "weight_decay": 0.0},
+            {"params": norms, "lr": args.lr, "weight_decay": 0.0}]
+
+
+def plain_args(args) -> dict:
+    """The arguments as JSON and weights_only checkpoints can hold them (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def cli_flag(name: str) -> str:
+    """An argument's command-line spelling: input_size -> --input-size."""
+    return "--" + name.replace("_", "-")
+
+
+def settle_model_flags(args, resumed: dict | None, init: dict | None) -> None:
+    """The model's flags: a resumed run's own (a flag given must agree), else as given, --init's arch, or the defaults."""
+    for name, default in MODEL_FLAGS.items():
+        given = getattr(args, name)
+        if resumed is not None:
+            kept = resumed["args"].get(name, default)
+            if given is not None and given != kept:
+                raise SystemExit(f"error: --resume: {cli_flag(name)} {given}, but the run in {args.save_dir} was trained "
+                                 f"with {kept}; drop {cli_flag(name)}, or start a new run in another --save-dir")
+            setattr(args, name, kept)
+        elif given is None:  # --init's architecture and mirroring carry over (a --no-flip stream stays one)
+            carried = name in ("arch", "no_flip") and init is not None
+            setattr(args, name, init["args"].get(name, default) if carried else default)
+
+
+def check_same_data(args, resumed: dict, classes: list[str], data: dict) -> None:
+    """A resumed run goes on with the data it started on: the same classes, the same packed split (when recorded)."""
+    if resumed["classes"] != classes:
+        raise SystemExit(f"error: the checkpoint has {len(resumed['classes'])} classes, {args.data} has "
+                         f"{len(classes)}: resume with the data it was trained on")
+    was = resumed.get("data")  # checkpoints before provenance do not say
+    if was and (was["split"], was["plan"]) != (data["split"], data["plan"]):
+        raise SystemExit(f"error: --resume: the run in {args.save_dir} was trained on {was['data']}/{was['split']} "
+                         f"(plan {was['plan']}), {args.data}/{args.train_split} is another packed split (plan "
+                         f"{data['plan']}): resume with the data it was trained on, or start a new run with --init")
+
+
+def load_init(args, classes: list[str], flow_len: int, data: dict, log) -> dict:
+    """--init's checkpoint, checked against this run: the same architecture, modality and flow length, finite weights."""
+    init = read_checkpoint(args.init, "--init")
+    a = init["args"]
+    bad = nets.non_finite_tensors(init["model"])
+    if bad:
+        raise SystemExit(f"error: --init {args.init} holds non-finite weights ({', '.join(bad[:3])}): its run "
+                         f"diverged; start from an earlier checkpoint of it")
+    for name, mine in (("arch", args.arch), ("modality", args.modality)):
+        if mine is not None and a[name] != mine:  # no --arch: --init's (settle_model_flags)
+            raise SystemExit(f"error: --init {args.init} is a {a[name]} network, this run's {cli_flag(name)} is {mine}")
+    if args.modality == "flow" and a["flow_len"] != flow_len:
+        raise SystemExit(f"error: --init {args.init} stacks {a['flow_len']} flow images, this run {flow_len} "
+                         f"(--flow-len, or the data's)")
+    differ = params_differ(init.get("pack_params") or {}, data["params"], args.modality)
+    if differ:
+        say = (f"--init {args.init} was trained on inputs packed with other parameters than {args.data}'s "
+               f"({'; '.join(differ)})")
+        if not args.allow_other_params:
+            raise SystemExit(f"error: {say}: re-pack the data with the stream's parameters, or give "
+                             f"--allow-other-params to fine-tune anyway")
+        log(f"note: {say}; going on (--allow-other-params)")
+    return init
+
+
+def build_model(args, classes: list[str], flow_len: int, resumed: dict | None, init: dict | None,
+                log) -> tuple[nn.Module, dict | None]:
+    """The network: a resumed run's, --init's weights with this run's classifier, or from --pretrained (or scratch).
+
+    Returns it and what it started from (recorded in every checkpoint: --init's checkpoint and its classifier).
+    """
+    source = resumed or init
+    model = nets.build(args.arch, len(classes), args.modality, flow_len, None if source else args.pretrained,
+                       transform_input=nets.transform_input_of(source) if source else None)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        return model, resumed.get("init")
+    if init is None:
+        return model, None
+    weights = dict(init["model"])
+    kept = init["classes"] == classes
+    if not kept:
+        for key in nets.classifier_keys(args.arch):
+            del weights[key]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) != (set() if kept else set(nets.classifier_keys(args.arch))):
+        raise SystemExit(f"error: --init {args.init}: its weights do not fit this network (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    log(f"initialised from {args.init} (iteration {init['iteration']}, {len(init['classes'])} classes): "
+        + (f"all weights, the classifier kept (the same {len(classes)} classes)" if kept else
+           f"the backbone; the classifier made anew for the {len(classes)} classes here"))
+    return model, {"checkpoint": str(args.init), "sha256": file_sha256(args.init), "iteration": init["iteration"],
+                   "classes": len(init["classes"]), "classifier": "kept" if kept else "new", "data": init.get("data"),
+                   "no_flip": bool(init["args"].get("no_flip")), "other_params": args.allow_other_params,
+                   "from": init.get("init")}
+
+
+class Run:
+    """What a checkpoint holds and a resume restores: the model, optimiser, schedule, loss scale, records."""
+
+    def __init__(self, args, classes: list[str], flow_len: int, rank: int, device: torch.device, dtype, log):
+        # What it is trained on: the split's identity (its plan's id) and how its inputs were made.
+        self.data = split_identity(args.data, load_manifest(args.data), args.train_split)
+        self.pack_params = self.data["params"]
+        resumed = load_checkpoint(args.save_dir, log) if args.resume else None
+        if resumed is not None:
+            check_same_data(args, resumed, classes, self.data)
+        init = load_init(args, classes, flow_len, self.data, log) if args.init else None
+        settle_model_flags(args, resumed, init)
+        if init is not None and args.no_flip and init["args"].get("no_flip"):
+            log(f"--no-flip carried over from --init {args.init} (it was trained without mirroring)")
+        if args.modality == "flow":
+            args.flow_len = flow_len
+        self.args, self.classes, self.start = args, classes, resumed["iteration"] if resumed else 0
+        torch.manual_seed(args.seed + self.start + rank)  # DDP: rank 0's initial weights are broadcast
+        random.seed(args.seed + self.start + rank)
+        model, self.init = build_model(args, classes, flow_len, resumed, init, log)
+        self.model = model.to(device)
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(param_groups(self.model, args), lr=args.lr, momentum=args.momentum)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, args.step_values, args.gamma)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.history, self.best = {"train": [], "val": []}, -1.0
+        if resumed is not None:
+            self.optimizer.load_state_dict(resumed["optimizer"])
+            self.scheduler.load_state_dict(resumed["scheduler"])
+            self.scaler.load_state_dict(resumed["scaler"])
+            self.history, self.best = resumed["history"], resumed["best"]
+            torch.set_rng_state(resumed["rng"]["torch"])
+            python = resumed["rng"]["python"]
+            random.setstate((python[0], tuple(python[1]), python[2]))
+            log(f"resumed from iteration {self.start} (lr {self.scheduler.get_last_lr()[0]:g})")
+
+    def state(self, iteration: int) -> dict:
+        return {"iteration": iteration, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "classes": self.classes,
+                "args": plain_args(self.args), "pack_params": self.pack_params, "data": self.data,
+                "init": self.init,
+                "transform_input": bool(getattr(self.model, "transform_input", False)),
+                "history": self.history, "best": self.best,
+                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}}
