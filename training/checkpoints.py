@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,6 +18,9 @@ def read_checkpoint(path: Path, flag: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: this is something else
+            raise SystemExit(f"error: {flag} {path} is not a torch checkpoint file (random bytes, another kind of "
+                             f"file, or a legacy pickle): give a train.py checkpoint") from None
         raise SystemExit(f"error: {flag} {path} holds Python objects beyond tensors (a pickle, not a train.py "
                          f"checkpoint): it is not loaded, as it could run code ({str(e).splitlines()[0][:120]})") from None
     except Exception as e:  # cut short, damaged, not a torch file at all
