@@ -6,6 +6,8 @@ so it can always be rebuilt (after a resumed run, or to join parts packed elsewh
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 from collections import Counter
@@ -118,11 +120,25 @@ def split_identity(data: str | Path, manifest: dict, split: str) -> dict:
     return {"data": str(data), "split": split, "plan": info.get("plan"), "params": info["params"]}
 
 
+@contextlib.contextmanager
+def data_lock(data: str | Path):
+    """DATA's own files (a new split's plan and class list, manifest.json, classes.txt) changed by one process at a time.
+
+    Two packs of two splits into one DATA wait here for each other a moment: each builds the
+    manifest from what the other has finished, and a split's classes follow the first's.
+    """
+    Path(data).mkdir(parents=True, exist_ok=True)
+    with open(Path(data) / ".data.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # held until the file closes, even if this process is killed
+        yield
+
+
 def write_manifest(data: Path) -> dict:
-    manifest = build_manifest(data)
-    atomic_write_json(Path(data) / "manifest.json", manifest)
-    if manifest["classes"]:
-        atomic_write_bytes(Path(data) / "classes.txt", ("\n".join(manifest["classes"]) + "\n").encode())
+    with data_lock(data):
+        manifest = build_manifest(data)
+        atomic_write_json(Path(data) / "manifest.json", manifest)
+        if manifest["classes"]:
+            atomic_write_bytes(Path(data) / "classes.txt", ("\n".join(manifest["classes"]) + "\n").encode())
     return manifest
 
 
