@@ -42,10 +42,10 @@ class Clip:
 class Annotations:
     splits: dict[str, list[Clip]]
     classes: list[str] | None = None
+    sources: dict[str, dict] = field(default_factory=dict)  # split -> {"layout", "files": {name: sha256}, ...}
     # True: a split may hold only some of the classes of a class list given or already packed (class folders: a val
     # split without one class's folder); else the layout's class list is the whole one and must match.
     classes_subset: bool = False
-    sources: dict[str, dict] = field(default_factory=dict)  # split -> {"layout", "files": {name: sha256}, ...}
 
 
 def read_text(path: Path) -> str:
@@ -241,7 +241,7 @@ def read_folders(root: Path, split: str) -> Annotations:
         for file in walk_files(root / label):
             if file.suffix.lower() in VIDEO_EXTENSIONS:
                 relative = file.relative_to(root).as_posix()
-                clips.append(Clip(without_extension(relative), check_label(label, str(file)), split, relative, relative))
+                clips.append(Clip(without_extension(relative), check_label(label, str(file)), split, str(file), relative))
     return Annotations({split: clips}, classes, {split: {"layout": "folders", "folder": root.name}}, classes_subset=True)
 
 
@@ -273,7 +273,8 @@ def deduplicated(clips: list[Clip]) -> list[Clip]:
         if seen is clip:
             continue
         if seen.path != clip.path:
-            raise AnnotationError(f"{clip.where}: {clip.path} and {seen.path} (at {seen.where}) would both be the video "
+            also = "" if seen.where.endswith(str(seen.path)) else f" (at {seen.where})"
+            raise AnnotationError(f"{clip.where}: {clip.path} and {seen.path}{also} would both be the video "
                                   f"{clip.video_id!r}: rename or remove one of them")
         if seen.label != clip.label:
             raise AnnotationError(f"{clip.where}: {clip.video_id} is listed again with another label ({clip.label!r}; "
