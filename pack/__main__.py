@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -31,11 +32,30 @@ from tqdm import tqdm
 from .annotations import (AnnotationError, Annotations, Clip, check_disjoint, class_list, deduplicated, read_class_file,
                           read_folders, read_hmdb51, read_kinetics, read_list, read_ucf101, SPLIT_ALIASES)
 from .files import Lock, atomic_write_json, check_output_dir
-from .manifest import data_lock, plan_id, read_json, write_manifest
+from .manifest import PLAN_KEYS, BrokenFile, data_lock, plan_id, read_json, write_manifest
 from .packer import PackParams, pack_group
 from .shards import sample_key
 from .video import VideoError, VideoIndex
 from .workers import die_with_parent, opencv_threads_stopped
+
+
+def integer(low: int, high: int | None = None):
+    """An argparse type: an integer in low..high, else a one-line usage error naming the flag (not a traceback later)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is below {low}" if high is None else f"{value} is not in {low}..{high}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def pixels(text: str) -> float:
+    """--flow-bound: a finite number of pixels above 0 (it divides)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of pixels above 0")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,18 +81,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=Path, help="class list, one per line (default: the layout's, the sorted labels, "
                                                 "or the classes already in DATA so val/test share train's order)")
     p.add_argument("--workers", type=int, default=mp.cpu_count(), help="processes packing in parallel (default: all cores)")
-    p.add_argument("--stride", type=int, default=d.stride, help="keep one sample every N frames (the baseline's frame_step)")
+    p.add_argument("--stride", type=integer(1), default=d.stride, help="keep one sample every N frames (the baseline's frame_step)")
     p.add_argument("--flow", choices=["farneback", "dis"], default=d.flow, help="optical flow method: farneback (the baseline's) or dis (ultrafast, ~20x quicker)")
-    p.add_argument("--flow-len", type=int, default=d.flow_len, help="flow images per sample (frames t..t+L)")
-    p.add_argument("--flow-bound", type=float, default=d.flow_bound, help="flow in pixels that maps to the ends of 0..255")
-    p.add_argument("--short-side", type=int, default=d.short_side, help="resize frames so the short side has this many pixels")
-    p.add_argument("--quality", type=int, default=d.quality, help="JPEG quality")
-    p.add_argument("--shard-videos", type=int, default=d.shard_videos, help="videos per shard group (the unit of parallel work and resume)")
-    p.add_argument("--shard-mb", type=int, default=d.shard_mb, help="start a new shard past this many MB")
+    p.add_argument("--flow-len", type=integer(1), default=d.flow_len, help="flow images per sample (frames t..t+L)")
+    p.add_argument("--flow-bound", type=pixels, default=d.flow_bound, help="flow in pixels that maps to the ends of 0..255")
+    p.add_argument("--short-side", type=integer(16), default=d.short_side, help="resize frames so the short side has this many pixels")
+    p.add_argument("--quality", type=integer(1, 100), default=d.quality, help="JPEG quality")
+    p.add_argument("--shard-videos", type=integer(1), default=d.shard_videos, help="videos per shard group (the unit of parallel work and resume)")
+    p.add_argument("--shard-mb", type=integer(1), default=d.shard_mb, help="start a new shard past this many MB")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the video order across shards")
-    p.add_argument("--part", type=int, help="pack only part I of --num-parts (several machines; default: the Slurm "
+    p.add_argument("--part", type=integer(0), help="pack only part I of --num-parts (several machines; default: the Slurm "
                                             "array task's, else 0)")
-    p.add_argument("--num-parts", type=int, help="how many parts the split is packed in (default: the Slurm array's "
+    p.add_argument("--num-parts", type=integer(1), help="how many parts the split is packed in (default: the Slurm array's "
                                                  "task count, else 1)")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any video could not be packed")
     return p
@@ -85,6 +105,9 @@ def read_annotations(args, given: list[str] | None) -> Annotations:
                          "error: --videos FOLDER is needed: where the videos are")
     if (args.list or args.folders) and not args.split:
         raise SystemExit("error: --list and --folders need --split NAME (train, val, test, ...): the split they make")
+    if args.folders and args.out.resolve().is_relative_to(args.folders.resolve()):
+        raise SystemExit(f"error: --out {args.out} is inside --folders {args.folders}: its split folder would be read "
+                         f"as a class next time; give an --out outside it")
     if (args.ucf101 or args.hmdb51) and args.split:
         raise SystemExit("error: --ucf101 and --hmdb51 pack both splits of the fold (train and val): drop --split")
     if args.csv:
@@ -135,7 +158,8 @@ def choose_part(args) -> tuple[int, int, str]:
                          f"{os.environ['SLURM_ARRAY_TASK_ID']}): every task would pack part 0; give --part too, or "
                          f"drop --num-parts to take the part from the array")
     if args.part is not None or args.num_parts is not None:
-        part, parts, how = args.part or 0, args.num_parts or 1, "--part/--num-parts"
+        part, parts = args.part or 0, 1 if args.num_parts is None else args.num_parts
+        how = "--part/--num-parts"
     elif in_array:
         if "SLURM_ARRAY_TASK_COUNT" not in os.environ:
             raise SystemExit("error: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: how many parts "
@@ -174,7 +198,7 @@ def same_plan(old: dict, new: dict) -> bool:
 def existing_classes(out: Path) -> list[str] | None:
     """The class list of the splits already in DATA (their plans, written first; call under data_lock)."""
     for plan_path in sorted(Path(out).glob("*/plan.json")):
-        classes = read_json(plan_path)["classes"]
+        classes = read_json(plan_path, needs=PLAN_KEYS)["classes"]
         if classes:
             return classes
     return None
@@ -282,7 +306,10 @@ def main(args: argparse.Namespace) -> int:
     where = {split: located(args, split, clips, index) for split, clips in annotations.splits.items()}
     failed = False
     for split, clips in annotations.splits.items():
-        failed |= pack_split(args, split, (clips, annotations, classes_file, params), where[split], part, parts)
+        try:
+            failed |= pack_split(args, split, (clips, annotations, classes_file, params), where[split], part, parts)
+        except BrokenFile as e:
+            raise SystemExit(f"error: {e}: remove it and run the same command again") from None
     return 1 if args.strict and failed else 0
 
 
@@ -298,7 +325,7 @@ def pack_split(args, split: str, planning: tuple, where: dict, part: int, parts:
     with Lock(split_dir / f".pack-part{part}-of-{parts}.lock").acquire(f"{split_dir} (part {part} of {parts})"):
         with data_lock(args.out):
             plan = split_plan(args, split, *planning)
-            if plan_path.exists() and not same_plan(read_json(plan_path), plan):
+            if plan_path.exists() and not same_plan(read_json(plan_path, needs=PLAN_KEYS), plan):
                 raise SystemExit(f"error: {split_dir} was packed from other annotations or with other parameters; "
                                  f"re-run with the same arguments, or pack into a new --out")
             if not plan_path.exists():

@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     splits = args.split or sorted(manifest["splits"])
+    if not splits:
+        raise SystemExit(f"error: {args.data}/manifest.json lists no split: nothing to check")
     unknown = sorted(set(splits) - set(manifest["splits"]))
     if unknown:
         raise SystemExit(f"error: {args.data} has no split {', '.join(unknown)}; it has {sorted(manifest['splits'])}")
