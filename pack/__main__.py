@@ -341,8 +341,12 @@ def pack_split(args, split: str, planning: tuple, where: dict, part: int, parts:
         print(f"{split}: {sum(len(g) for g in groups)} videos in {len(groups)} groups; part {part}/{parts}: "
               f"{len(mine)} groups, {len(mine) - len(todo)} already done, packing {n_videos} videos "
               f"with {args.workers} workers ({params.flow} flow)")
-        records, start = run_jobs(split_dir, jobs, params, args.workers, n_videos, {"plan": plan_id(plan),
-                                                                                    "part": [part, parts]})
+        try:
+            records, start = run_jobs(split_dir, jobs, params, args.workers, n_videos, {"plan": plan_id(plan),
+                                                                                        "part": [part, parts]})
+        except OSError as e:  # a full disk, a folder made read-only meanwhile
+            raise SystemExit(f"error: {split_dir}: cannot write the shards ({e.strerror or e}); the groups finished "
+                             f"so far are kept: free space (or fix the folder) and run the same command again") from None
         wall = time.perf_counter() - start
     try:
         manifest = write_manifest(args.out)

@@ -1,6 +1,7 @@
 """Writing WebDataset tar shards with their DALI index, never leaving a partial file behind."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -45,10 +46,12 @@ class HashingFile:
     def tell(self) -> int:
         return self._file.tell()
 
-    def close(self) -> None:
-        """Flush to disk, then close: a renamed shard is whole even after a crash."""
+    def sync(self) -> None:
+        """Flush to disk: a renamed shard is whole even after a crash."""
         self._file.flush()
         os.fsync(self._file.fileno())
+
+    def close(self) -> None:
         self._file.close()
 
 
@@ -93,6 +96,7 @@ class ShardWriter:
             return
         self._tar.close()
         size = self._file.tell()
+        self._file.sync()
         self._file.close()
         idx = self._path.with_suffix(".idx")
         index = f"{INDEX_VERSION} {len(self._index)}\n{chr(10).join(self._index)}\n".encode()
@@ -105,7 +109,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the open piece (on error): its temporary file is removed."""
         if self._tar is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a full disk fails the close's flush: the file goes all the same
+                self._file.close()
             self._tmp.unlink(missing_ok=True)
             self._tar = None
 

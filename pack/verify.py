@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .files import file_sha256
 from .manifest import load_manifest
 from .shards import index_entries, key_of, parse_label, read_index
+from .workers import die_with_parent
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {unhashed} of {len(jobs)} shards have no recorded SHA-256 (packed before pack recorded it): "
               f"their bytes are checked by reading them only; re-pack to record their hashes")
     problems, keys = [], {split: {} for split in splits}
-    with ProcessPoolExecutor(max(1, args.workers), mp_context=mp.get_context("fork")) as pool, \
+    with ProcessPoolExecutor(max(1, args.workers), mp_context=mp.get_context("fork"), initializer=die_with_parent) as pool, \
             tqdm(total=len(jobs), unit="shard", desc="verifying", file=sys.stderr) as bar:
         futures = [(split, modality, pool.submit(check_shard, *job_args)) for split, modality, job_args in jobs]
         for split, modality, future in futures:
