@@ -422,3 +422,32 @@ def test_two_splits_packed_at_once_into_a_new_folder_take_one_class_list(synth, 
     assert verify([str(out), "--workers", "1"]) == 0
     if results["train"][0] == 0:  # train's plan came first: val took its 6 classes
         assert len(manifest["classes"]) == 6 and set(manifest["splits"]) == {"train", "val"}
+
+
+@pytest.mark.parametrize("flag, value", [("--stride", "0"), ("--flow-len", "0"), ("--shard-videos", "0"),
+                                         ("--quality", "101"), ("--flow-bound", "nan"), ("--num-parts", "0")])
+def test_flags_out_of_range_are_refused_before_any_work(tmp_path, flag, value):
+    csv = kinetics_csv(tmp_path / "k.csv", [("g1", "x")])
+    done = subprocess.run([sys.executable, "-m", "pack", "--csv", str(csv), "--videos", str(DATA), "--out",
+                           str(tmp_path / "d"), flag, value], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"error: argument {flag}: {value} is" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "d").exists()
+
+
+def test_a_broken_manifest_plan_or_record_is_named_in_one_line(data, tmp_path):
+    from pack.merge import main as merge
+    from pack.verify import main as verify
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    whole = (copy / "manifest.json").read_text()
+    for text, match in ((whole[:100], "not valid JSON"), ('{"format_version": 1}', r"not the file pack writes \(no classes, splits\)")):
+        (copy / "manifest.json").write_text(text)
+        with pytest.raises(SystemExit, match=f"^error: {copy / 'manifest.json'}: {match}"):
+            verify([str(copy)])
+    (copy / "val" / "records" / "00001.json").write_text("{}")
+    with pytest.raises(SystemExit, match=rf"^error: {copy / 'val' / 'records' / '00001.json'}: not the file pack writes"):
+        merge([str(copy)])
+    with pytest.raises(SystemExit, match="no such folder"):
+        merge([str(tmp_path / "nothing")])
+    assert not (tmp_path / "nothing").exists()
