@@ -274,15 +274,15 @@ def split_plan(args, split: str, clips: list[Clip], annotations: Annotations, cl
             "source": annotations.sources.get(split)}
 
 
+_progress = None  # in a pool worker: the progress queue (a queue reaches a process only as it starts)
+
+
 def _init_worker(progress) -> None:
     global _progress
     _progress = progress
     cv2.setNumThreads(1)  # the pool is the parallelism
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, which fork copied
     die_with_parent()
-
-
-_progress = None  # in a pool worker: the progress queue (a queue reaches a process only as it starts)
 
 
 def _pack_in_worker(split_dir: Path, group: int, videos: list[dict], params: PackParams, stamp: dict) -> dict:
