@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import multiprocessing as mp
 import os
 import queue
 import random
+import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -30,11 +32,30 @@ from tqdm import tqdm
 from .annotations import (AnnotationError, Annotations, Clip, check_disjoint, class_list, deduplicated, read_class_file,
                           read_folders, read_hmdb51, read_kinetics, read_list, read_ucf101, SPLIT_ALIASES)
 from .files import Lock, atomic_write_json, check_output_dir
-from .manifest import load_manifest, plan_id, read_json, write_manifest
+from .manifest import PLAN_KEYS, BrokenFile, data_lock, plan_id, read_json, write_manifest
 from .packer import PackParams, pack_group
 from .shards import sample_key
 from .video import VideoError, VideoIndex
-from .workers import opencv_threads_stopped
+from .workers import die_with_parent, opencv_threads_stopped
+
+
+def integer(low: int, high: int | None = None):
+    """An argparse type: an integer in low..high, else a one-line usage error naming the flag (not a traceback later)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is below {low}" if high is None else f"{value} is not in {low}..{high}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def pixels(text: str) -> float:
+    """--flow-bound: a finite number of pixels above 0 (it divides)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of pixels above 0")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,18 +81,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=Path, help="class list, one per line (default: the layout's, the sorted labels, "
                                                 "or the classes already in DATA so val/test share train's order)")
     p.add_argument("--workers", type=int, default=mp.cpu_count(), help="processes packing in parallel (default: all cores)")
-    p.add_argument("--stride", type=int, default=d.stride, help="keep one sample every N frames (the baseline's frame_step)")
+    p.add_argument("--stride", type=integer(1), default=d.stride, help="keep one sample every N frames (the baseline's frame_step)")
     p.add_argument("--flow", choices=["farneback", "dis"], default=d.flow, help="optical flow method: farneback (the baseline's) or dis (ultrafast, ~20x quicker)")
-    p.add_argument("--flow-len", type=int, default=d.flow_len, help="flow images per sample (frames t..t+L)")
-    p.add_argument("--flow-bound", type=float, default=d.flow_bound, help="flow in pixels that maps to the ends of 0..255")
-    p.add_argument("--short-side", type=int, default=d.short_side, help="resize frames so the short side has this many pixels")
-    p.add_argument("--quality", type=int, default=d.quality, help="JPEG quality")
-    p.add_argument("--shard-videos", type=int, default=d.shard_videos, help="videos per shard group (the unit of parallel work and resume)")
-    p.add_argument("--shard-mb", type=int, default=d.shard_mb, help="start a new shard past this many MB")
+    p.add_argument("--flow-len", type=integer(1), default=d.flow_len, help="flow images per sample (frames t..t+L)")
+    p.add_argument("--flow-bound", type=pixels, default=d.flow_bound, help="flow in pixels that maps to the ends of 0..255")
+    p.add_argument("--short-side", type=integer(16), default=d.short_side, help="resize frames so the short side has this many pixels")
+    p.add_argument("--quality", type=integer(1, 100), default=d.quality, help="JPEG quality")
+    p.add_argument("--shard-videos", type=integer(1), default=d.shard_videos, help="videos per shard group (the unit of parallel work and resume)")
+    p.add_argument("--shard-mb", type=integer(1), default=d.shard_mb, help="start a new shard past this many MB")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the video order across shards")
-    p.add_argument("--part", type=int, help="pack only part I of --num-parts (several machines; default: the Slurm "
+    p.add_argument("--part", type=integer(0), help="pack only part I of --num-parts (several machines; default: the Slurm "
                                             "array task's, else 0)")
-    p.add_argument("--num-parts", type=int, help="how many parts the split is packed in (default: the Slurm array's "
+    p.add_argument("--num-parts", type=integer(1), help="how many parts the split is packed in (default: the Slurm array's "
                                                  "task count, else 1)")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any video could not be packed")
     return p
@@ -84,6 +105,9 @@ def read_annotations(args, given: list[str] | None) -> Annotations:
                          "error: --videos FOLDER is needed: where the videos are")
     if (args.list or args.folders) and not args.split:
         raise SystemExit("error: --list and --folders need --split NAME (train, val, test, ...): the split they make")
+    if args.folders and args.out.resolve().is_relative_to(args.folders.resolve()):
+        raise SystemExit(f"error: --out {args.out} is inside --folders {args.folders}: its split folder would be read "
+                         f"as a class next time; give an --out outside it")
     if (args.ucf101 or args.hmdb51) and args.split:
         raise SystemExit("error: --ucf101 and --hmdb51 pack both splits of the fold (train and val): drop --split")
     if args.csv:
@@ -114,17 +138,38 @@ def choose_split(splits: list[str], split: str | None, csv: Path) -> str:
     return split
 
 
+def slurm_number(name: str, default: int | None = None) -> int:
+    """A Slurm array variable as a number; a clear error if it is not one (a wrong job script), rather than a guess."""
+    value = os.environ.get(name)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SystemExit(f"error: {name}={value!r} is not a number (a Slurm job array sets it); give the part with "
+                         f"--part I --num-parts N instead") from None
+
+
 def choose_part(args) -> tuple[int, int, str]:
     """(part, parts, how they were chosen): the flags, else a Slurm job array's task, else the whole split."""
+    in_array = "SLURM_ARRAY_TASK_ID" in os.environ
+    if args.num_parts is not None and args.part is None and in_array:
+        raise SystemExit(f"error: --num-parts {args.num_parts} without --part in a Slurm job array (task "
+                         f"{os.environ['SLURM_ARRAY_TASK_ID']}): every task would pack part 0; give --part too, or "
+                         f"drop --num-parts to take the part from the array")
     if args.part is not None or args.num_parts is not None:
-        part, parts, how = args.part or 0, args.num_parts or 1, "--part/--num-parts"
-    elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        task, first = int(os.environ["SLURM_ARRAY_TASK_ID"]), int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        part, parts = task - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        part, parts = args.part or 0, 1 if args.num_parts is None else args.num_parts
+        how = "--part/--num-parts"
+    elif in_array:
+        if "SLURM_ARRAY_TASK_COUNT" not in os.environ:
+            raise SystemExit("error: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: how many parts "
+                             "the split is cut in cannot be told; give --part I --num-parts N")
+        task, first = slurm_number("SLURM_ARRAY_TASK_ID"), slurm_number("SLURM_ARRAY_TASK_MIN", 0)
+        part, parts = task - first, slurm_number("SLURM_ARRAY_TASK_COUNT")
         how = f"the Slurm job array (task {task} of {first}..{first + parts - 1})"
     else:
         return 0, 1, ""
-    if not 0 <= part < parts:
+    if parts < 1 or not 0 <= part < parts:
         raise SystemExit(f"error: part {part} is not in 0..{parts - 1} ({how})")
     return part, parts, how
 
@@ -135,6 +180,12 @@ def plan_groups(clips: list[Clip], classes: list[str], p: PackParams) -> list[li
                "cls": classes.index(c.label) if c.label is not None else -1,
                **({"key": sample_key(c.video_id)} if sample_key(c.video_id) != c.video_id else {}),
                **({"file": c.path} if c.path else {})} for c in clips]
+    keys: dict[str, Clip] = {}
+    for c in clips:  # a safe key is a hash's length from another id's: checked, never assumed
+        other = keys.setdefault(sample_key(c.video_id), c)
+        if other is not c:
+            raise SystemExit(f"error: {c.where}: the videos {c.video_id!r} and {other.video_id!r} ({other.where}) "
+                             f"would go under one sample key; rename one of them")
     random.Random(p.seed).shuffle(videos)
     return [videos[i:i + p.shard_videos] for i in range(0, len(videos), p.shard_videos)]
 
@@ -145,30 +196,35 @@ def same_plan(old: dict, new: dict) -> bool:
 
 
 def existing_classes(out: Path) -> list[str] | None:
-    try:
-        return load_manifest(out)["classes"] or None
-    except FileNotFoundError:
-        return None
+    """The class list of the splits already in DATA (their plans, written first; call under data_lock)."""
+    for plan_path in sorted(Path(out).glob("*/plan.json")):
+        classes = read_json(plan_path, needs=PLAN_KEYS)["classes"]
+        if classes:
+            return classes
+    return None
 
 
-def locate(videos: list[dict], index: VideoIndex) -> dict[str, tuple[Path | None, str | None]]:
+def locate(clips: list[Clip], index: VideoIndex) -> dict[str, tuple[Path | None, str | None]]:
     """Each video's file (by its path, else its id, else its YouTube id), or why none: {id: (path, reason)}.
 
-    A `{youtube_id}.mp4` that two clips (two time ranges) would both be read from is theirs
-    to neither: which range the file holds cannot be told.
+    Two files that would be one video (`abc.mp4` and `abc.mkv`) stop the pack, naming both:
+    which one is meant cannot be told. A `{youtube_id}.mp4` that two clips (two time ranges)
+    would both be read from is theirs to neither: which range the file holds cannot be told.
     """
     found, by_youtube = {}, {}
-    for v in videos:
+    for c in clips:
         try:
-            path = index.find(v["id"], path=v.get("file"))
-            if path is None and v["youtube_id"]:
-                path = index.find(v["youtube_id"])
+            path = index.find(c.video_id, path=c.path)
+            if path is None and c.youtube_id:
+                path = index.find(c.youtube_id)
                 if path is not None:
-                    by_youtube.setdefault(path, []).append(v["id"])
+                    by_youtube.setdefault(path, []).append(c.video_id)
         except VideoError as e:
-            found[v["id"]] = (None, str(e))
-            continue
-        found[v["id"]] = (path, None) if path else (None, "missing: no video file with this name under --videos")
+            raise SystemExit(f"error: {c.where}: {e}: they would both be the video {c.video_id!r}; remove or "
+                             f"rename one of them") from None
+        near = [] if path else index.other_case(c.path, c.video_id, c.youtube_id)
+        hint = f" (did you mean {', '.join(near[:3])}? its letter case differs)" if near else ""
+        found[c.video_id] = (path, None) if path else (None, f"missing: no video file with this name under --videos{hint}")
     for path, ids in by_youtube.items():
         if len(ids) > 1:
             for vid in ids:
@@ -178,8 +234,59 @@ def locate(videos: list[dict], index: VideoIndex) -> dict[str, tuple[Path | None
     return found
 
 
-def _init_worker() -> None:
+def located(args, split: str, clips: list[Clip], index: VideoIndex) -> dict[str, tuple[Path | None, str | None]]:
+    """locate(), where a split with no videos listed, or none of them on disk, is an error: it would pack nothing."""
+    source = args.csv or args.ucf101 or args.hmdb51 or args.list or args.folders
+    if not clips:
+        raise SystemExit(f"error: {source}: split {split} lists no videos; nothing to pack")
+    where = locate(clips, index)
+    missing = [(vid, reason) for vid, (_, reason) in where.items() if reason and reason.startswith("missing")]
+    if len(missing) == len(clips):
+        raise SystemExit(f"error: split {split}: none of its {len(clips)} videos is under {args.videos or args.folders} "
+                         f"(the first, {missing[0][0]}: {missing[0][1]}); check --videos")
+    return where
+
+
+def split_plan(args, split: str, clips: list[Clip], annotations: Annotations, classes_file: list[str] | None,
+               params: PackParams) -> dict:
+    """The split's plan; its classes: --classes, else DATA's (val and test keep train's order), else the layout's.
+
+    Call under data_lock: two packs of two splits into one new DATA take one class list.
+    """
+    packed = existing_classes(args.out)
+    given = classes_file or packed
+    if packed and not classes_file:
+        print(f"using the {len(packed)} classes already in {args.out}")
+    layout = annotations.classes
+    if given and layout and given != layout and not (annotations.classes_subset and set(layout) <= set(given)):
+        raise SystemExit(f"error: {args.out} holds another class list ({len(given)} classes) than these annotations' "
+                         f"({len(layout)}); pack them into another --out")
+    try:
+        classes = class_list(clips, given or layout)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    labels = {c.label for c in clips}
+    empty = [c for c in classes if c not in labels]
+    if empty and None not in labels:
+        print(f"warning: split {split} has no videos of {len(empty)} of its {len(classes)} classes: "
+              f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+    return {"params": dataclasses.asdict(params), "classes": classes, "groups": plan_groups(clips, classes, params),
+            "source": annotations.sources.get(split)}
+
+
+_progress = None  # in a pool worker: the progress queue (a queue reaches a process only as it starts)
+
+
+def _init_worker(progress) -> None:
+    global _progress
+    _progress = progress
     cv2.setNumThreads(1)  # the pool is the parallelism
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, which fork copied
+    die_with_parent()
+
+
+def _pack_in_worker(split_dir: Path, group: int, videos: list[dict], params: PackParams, stamp: dict) -> dict:
+    return pack_group(split_dir, group, videos, params, _progress, stamp)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -192,97 +299,112 @@ def main(args: argparse.Namespace) -> int:
     except AnnotationError as e:
         raise SystemExit(f"error: {e}") from None
     check_output_dir(args.out, "--out")
-    given = classes_file or existing_classes(args.out)
-    if given and not args.classes:
-        print(f"using the {len(given)} classes already in {args.out / 'classes.txt'}")
-    if given and annotations.classes and given != annotations.classes:
-        raise SystemExit(f"error: {args.out} holds another class list ({len(given)} classes) than these annotations' "
-                         f"({len(annotations.classes)}); pack them into another --out")
     params = PackParams(stride=args.stride, flow=args.flow, flow_len=args.flow_len, flow_bound=args.flow_bound,
                         short_side=args.short_side, quality=args.quality, shard_videos=args.shard_videos,
                         shard_mb=args.shard_mb, seed=args.seed)
     index = VideoIndex(args.videos or args.folders)
+    where = {split: located(args, split, clips, index) for split, clips in annotations.splits.items()}
     failed = False
     for split, clips in annotations.splits.items():
         try:
-            classes = class_list(clips, given or annotations.classes)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        plan = {"params": dataclasses.asdict(params), "classes": classes, "groups": plan_groups(clips, classes, params),
-                "source": annotations.sources.get(split)}
-        failed |= pack_split(args, split, plan, index, part, parts)
-        given = given or classes
+            failed |= pack_split(args, split, (clips, annotations, classes_file, params), where[split], part, parts)
+        except BrokenFile as e:
+            raise SystemExit(f"error: {e}: remove it and run the same command again") from None
     return 1 if args.strict and failed else 0
 
 
-def pack_split(args, split: str, plan: dict, index: VideoIndex, part: int, parts: int) -> bool:
-    """Pack this part of one split's plan (what is not done yet); rebuild the manifest. Whether any video failed."""
+def pack_split(args, split: str, planning: tuple, where: dict, part: int, parts: int) -> bool:
+    """Pack this part of one split (what is not done yet); rebuild the manifest. Whether any video failed.
+
+    planning: split_plan's arguments (clips, annotations, classes_file, params); where: locate()'s answer.
+    """
     split_dir = args.out / split
     plan_path = split_dir / "plan.json"
     for d in ("rgb", "flow", "records"):
         (split_dir / d).mkdir(parents=True, exist_ok=True)
     with Lock(split_dir / f".pack-part{part}-of-{parts}.lock").acquire(f"{split_dir} (part {part} of {parts})"):
-        if plan_path.exists() and not same_plan(read_json(plan_path), plan):
-            raise SystemExit(f"error: {split_dir} was packed from other annotations or with other parameters; "
-                             f"re-run with the same arguments, or pack into a new --out")
-        if not plan_path.exists():
-            atomic_write_json(plan_path, plan)
+        with data_lock(args.out):
+            plan = split_plan(args, split, *planning)
+            if plan_path.exists() and not same_plan(read_json(plan_path, needs=PLAN_KEYS), plan):
+                raise SystemExit(f"error: {split_dir} was packed from other annotations or with other parameters; "
+                                 f"re-run with the same arguments, or pack into a new --out")
+            if not plan_path.exists():
+                atomic_write_json(plan_path, plan)
         groups, params = plan["groups"], PackParams(**plan["params"])
         mine = [g for g in range(len(groups)) if g % parts == part]
         todo = [g for g in mine if not (split_dir / "records" / f"{g:05d}.json").exists()]
         for g in todo:  # temporaries of a killed run of this part: shards, indexes, records
             for tmp in split_dir.glob(f"*/.*{g:05d}*.tmp*"):
                 tmp.unlink()
-        where = locate([v for g in todo for v in groups[g]], index)
         jobs = {g: [{**v, "path": where[v["id"]][0], "reason": where[v["id"]][1]} for v in groups[g]] for g in todo}
         n_videos = sum(len(j) for j in jobs.values())
         print(f"{split}: {sum(len(g) for g in groups)} videos in {len(groups)} groups; part {part}/{parts}: "
               f"{len(mine)} groups, {len(mine) - len(todo)} already done, packing {n_videos} videos "
               f"with {args.workers} workers ({params.flow} flow)")
-        records, start = run_jobs(split_dir, jobs, params, args.workers, n_videos, {"plan": plan_id(plan),
-                                                                                    "part": [part, parts]})
+        try:
+            records, start = run_jobs(split_dir, jobs, params, args.workers, n_videos, {"plan": plan_id(plan),
+                                                                                        "part": [part, parts]})
+        except OSError as e:  # a full disk, a folder made read-only meanwhile
+            raise SystemExit(f"error: {split_dir}: cannot write the shards ({e.strerror or e}); the groups finished "
+                             f"so far are kept: free space (or fix the folder) and run the same command again") from None
         wall = time.perf_counter() - start
-    manifest = write_manifest(args.out)
+    try:
+        manifest = write_manifest(args.out)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     report(records, manifest["splits"][split], wall, args)
     if not manifest["splits"][split]["complete"] and parts > 1:
         print(f"other parts are not finished yet; once they are: python -m pack.merge {args.out}")
     return bool(manifest["splits"][split]["failed"])
 
 
+def stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM (kill PID, a scheduler's cancel) stops the workers too: none goes on writing once the lock is gone."""
+    for child in mp.active_children():
+        child.kill()
+    raise SystemExit("error: stopped by SIGTERM; the shard groups finished so far are kept: run the same command "
+                     "again to pack the rest")
+
+
 def run_jobs(split_dir: Path, jobs: dict, params: PackParams, workers: int, n_videos: int, stamp: dict):
-    """Pack groups in a process pool, with a progress bar fed per video."""
+    """Pack groups in a process pool, with a progress bar fed per video; SIGTERM meanwhile stops the pool too."""
     records = []
     start = time.perf_counter()
-    with mp.Manager() as manager, tqdm(total=n_videos, unit="video", smoothing=0.05) as bar:
-        progress = manager.Queue()
-        frames = 0
+    progress = queue.SimpleQueue() if workers <= 1 else mp.get_context("fork").Queue()
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        with tqdm(total=n_videos, unit="video", smoothing=0.05) as bar:
+            frames = 0
 
-        def drain(timeout: float) -> None:
-            nonlocal frames
-            try:
-                while True:
-                    f, _ = progress.get(timeout=timeout)
-                    frames += f
-                    bar.update(1)
-                    bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}", refresh=False)
-                    timeout = 0
-            except queue.Empty:
-                pass
+            def drain(timeout: float) -> None:
+                nonlocal frames
+                try:
+                    while True:
+                        f, _ = progress.get(timeout=timeout)
+                        frames += f
+                        bar.update(1)
+                        bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}", refresh=False)
+                        timeout = 0
+                except queue.Empty:
+                    pass
 
-        if workers <= 1:
-            _init_worker()
-            for g, videos in jobs.items():
-                records.append(pack_group(split_dir, g, videos, params, progress, stamp))
-                drain(0)
-        else:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker) as pool:
-                with opencv_threads_stopped():  # the pool forks its workers as the jobs are submitted
-                    pending = {pool.submit(pack_group, split_dir, g, v, params, progress, stamp) for g, v in jobs.items()}
-                while pending:
-                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                    records += [f.result() for f in done]
-                    drain(0.05)
-        drain(0)
+            if workers <= 1:
+                cv2.setNumThreads(1)
+                for g, videos in jobs.items():
+                    records.append(pack_group(split_dir, g, videos, params, progress, stamp))
+                    drain(0)
+            else:
+                with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                                         initargs=(progress,)) as pool:
+                    with opencv_threads_stopped():  # the pool forks its workers as the jobs are submitted
+                        pending = {pool.submit(_pack_in_worker, split_dir, g, v, params, stamp) for g, v in jobs.items()}
+                    while pending:
+                        done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                        records += [f.result() for f in done]
+                        drain(0.05)
+                drain(0.2)  # the workers' last puts may still be on their way
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return records, start
 
 

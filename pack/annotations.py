@@ -43,6 +43,9 @@ class Annotations:
     splits: dict[str, list[Clip]]
     classes: list[str] | None = None
     sources: dict[str, dict] = field(default_factory=dict)  # split -> {"layout", "files": {name: sha256}, ...}
+    # True: a split may hold only some of the classes of a class list given or already packed (class folders: a val
+    # split without one class's folder); else the layout's class list is the whole one and must match.
+    classes_subset: bool = False
 
 
 def read_text(path: Path) -> str:
@@ -129,6 +132,14 @@ def lines_of(path: Path) -> list[tuple[str, str]]:
     return [(f"{path}:{n}", line.strip()) for n, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
 
 
+def list_path(text: str) -> str:
+    """A video's path as a list file gives it, in the one form the videos folder is searched by: `/`, no `./`."""
+    path = text.replace("\\", "/")
+    while path.startswith("./"):
+        path = path[2:].lstrip("/")
+    return path
+
+
 def without_extension(path: str) -> str:
     return path.rsplit(".", 1)[0] if Path(path).suffix.lower() in VIDEO_EXTENSIONS else path
 
@@ -141,19 +152,18 @@ def read_ucf101(folder: Path, fold: int) -> Annotations:
     if missing:
         raise AnnotationError(f"{folder}: no {', '.join(missing)} (UCF101's ucfTrainTestlist holds folds 1 to 3; "
                               f"--fold {fold})")
-    classes = []
+    classes, index = [], {}
     for where, line in lines_of(files[0]):
         parts = line.split(None, 1)
         if len(parts) != 2 or parts[0] != str(len(classes) + 1):
             raise AnnotationError(f"{where}: expected '{len(classes) + 1} ClassName', got {line[:60]!r}")
-        classes.append(check_label(parts[1], where))
-    index = {c: i for i, c in enumerate(classes)}
+        classes.append(check_class(parts[1], where, index))
     splits = {"train": [], "val": []}
     for where, line in lines_of(files[1]):
         parts = line.rsplit(None, 1)
         if len(parts) != 2 or not parts[1].isdigit():
             raise AnnotationError(f"{where}: a line without its class index (expected 'Class/video.avi N')")
-        path, number = parts[0], int(parts[1])
+        path, number = list_path(parts[0]), int(parts[1])
         if not 1 <= number <= len(classes):
             raise AnnotationError(f"{where}: class index {number} out of range: classInd.txt has 1 to {len(classes)}")
         folder_class = path.split("/")[0]
@@ -162,7 +172,7 @@ def read_ucf101(folder: Path, fold: int) -> Annotations:
                                   f"{classes[number - 1]}")
         splits["train"].append(Clip(without_extension(path), classes[number - 1], "train", where, path))
     for where, line in lines_of(files[2]):
-        path = line.rsplit(None, 1)[0] if line.rsplit(None, 1)[-1].isdigit() else line
+        path = list_path(line.rsplit(None, 1)[0] if line.rsplit(None, 1)[-1].isdigit() else line)
         label = path.split("/")[0]  # the class is the folder (classInd's spelling), never the file name's
         if label not in index:
             raise AnnotationError(f"{where}: {path}: its folder {label!r} is not a class of classInd.txt")
@@ -205,7 +215,7 @@ def read_list(path: Path, split: str, classes: list[str] | None) -> Annotations:
         parts = line.rsplit(None, 1)
         if len(parts) != 2:
             raise AnnotationError(f"{where}: a line without a label (expected 'relative/path label')")
-        video, label = parts
+        video, label = list_path(parts[0]), parts[1]
         if label not in names and re.fullmatch(r"-?\d+", label):
             if classes is None:
                 raise AnnotationError(f"{where}: the label {label} is a class index: give the class list (--classes)")
@@ -231,23 +241,41 @@ def read_folders(root: Path, split: str) -> Annotations:
         for file in walk_files(root / label):
             if file.suffix.lower() in VIDEO_EXTENSIONS:
                 relative = file.relative_to(root).as_posix()
-                clips.append(Clip(without_extension(relative), check_label(label, str(file)), split, relative, relative))
-    return Annotations({split: clips}, classes, {split: {"layout": "folders", "folder": root.name}})
+                clips.append(Clip(without_extension(relative), check_label(label, str(file)), split, str(file), relative))
+    return Annotations({split: clips}, classes, {split: {"layout": "folders", "folder": root.name}}, classes_subset=True)
+
+
+def check_class(name: str, where: str, seen: dict[str, str]) -> str:
+    """A class of a class list, once: a name given twice would make two outputs of one class (seen: name -> where)."""
+    name = check_label(name, where)
+    if name in seen:
+        raise AnnotationError(f"{where}: the class {name!r} is named twice (also at {seen[name]}): keep one line")
+    seen[name] = where
+    return name
 
 
 def read_class_file(path: str | Path) -> list[str]:
     """One class per line (blank lines ignored), as pack writes DATA/classes.txt."""
-    return [check_label(line, where) for where, line in lines_of(Path(path))]
+    seen: dict[str, str] = {}
+    return [check_class(line, where, seen) for where, line in lines_of(Path(path))]
 
 
 def deduplicated(clips: list[Clip]) -> list[Clip]:
-    """The clips without repeats: a video listed twice with one label once (said), with two labels an error naming both."""
+    """The clips without repeats: a video listed twice with one label once (said), with two labels an error naming both.
+
+    Two files that would get one id (`walk/0001.avi` and `walk/0001.mp4`) are an error naming
+    both: which one the id means cannot be told, and packing one would drop the other unsaid.
+    """
     first: dict[str, Clip] = {}
     repeats = []
     for clip in clips:
         seen = first.setdefault(clip.video_id, clip)
         if seen is clip:
             continue
+        if seen.path != clip.path:
+            also = "" if seen.where.endswith(str(seen.path)) else f" (at {seen.where})"
+            raise AnnotationError(f"{clip.where}: {clip.path} and {seen.path}{also} would both be the video "
+                                  f"{clip.video_id!r}: rename or remove one of them")
         if seen.label != clip.label:
             raise AnnotationError(f"{clip.where}: {clip.video_id} is listed again with another label ({clip.label!r}; "
                                   f"{seen.where} says {seen.label!r}): keep the right one")

@@ -6,6 +6,8 @@ so it can always be rebuilt (after a resumed run, or to join parts packed elsewh
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 from collections import Counter
@@ -14,11 +16,24 @@ from pathlib import Path
 from .files import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
+PLAN_KEYS = ("params", "classes", "groups")
 
 
-def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+class BrokenFile(ValueError):
+    """A file of DATA that is not what pack writes (cut short, edited, another kind): the message names it."""
+
+
+def read_json(path: Path, needs: tuple[str, ...] = ()) -> dict:
+    """A JSON object with the keys `needs`; BrokenFile naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BrokenFile(f"{path}: not valid JSON ({e}); it was cut short or edited") from None
+    lacking = [k for k in needs if not isinstance(obj, dict) or k not in obj]
+    if not isinstance(obj, dict) or lacking:
+        raise BrokenFile(f"{path}: not the file pack writes (no {', '.join(lacking) or 'object'})")
+    return obj
 
 
 def plan_id(plan: dict) -> str:
@@ -47,7 +62,7 @@ def build_manifest(data: Path) -> dict:
     classes, splits = None, {}
     for plan_path in sorted(data.glob("*/plan.json")):
         split_dir = plan_path.parent
-        plan = read_json(plan_path)
+        plan = read_json(plan_path, needs=PLAN_KEYS)
         if plan["classes"]:
             if classes is not None and classes != plan["classes"]:
                 raise ValueError(f"split {split_dir.name} was packed with another class list than the "
@@ -61,7 +76,7 @@ def build_manifest(data: Path) -> dict:
             if not record_path.exists():
                 missing.append(group)
                 continue
-            record = read_json(record_path)
+            record = read_json(record_path, needs=("shards", "videos", "failed"))
             if record.get("plan", expected) != expected:
                 foreign.append(f"group {group} (part {record['part'][0]} of {record['part'][1]})")
                 continue
@@ -119,11 +134,24 @@ def split_identity(data: str | Path, manifest: dict, split: str) -> dict:
     return {"data": str(data), "split": split, "plan": info.get("plan"), "params": info["params"]}
 
 
+@contextlib.contextmanager
+def data_lock(data: str | Path):
+    """DATA's own files (a new split's plan and class list, manifest.json, classes.txt) changed by one process at a time.
+
+    Two packs of two splits into one DATA wait here for each other a moment: each builds the
+    manifest from what the other has finished, and a split's classes follow the first's.
+    """
+    with open(Path(data) / ".data.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # held until the file closes, even if this process is killed
+        yield
+
+
 def write_manifest(data: Path) -> dict:
-    manifest = build_manifest(data)
-    atomic_write_json(Path(data) / "manifest.json", manifest)
-    if manifest["classes"]:
-        atomic_write_bytes(Path(data) / "classes.txt", ("\n".join(manifest["classes"]) + "\n").encode())
+    with data_lock(data):
+        manifest = build_manifest(data)
+        atomic_write_json(Path(data) / "manifest.json", manifest)
+        if manifest["classes"]:
+            atomic_write_bytes(Path(data) / "classes.txt", ("\n".join(manifest["classes"]) + "\n").encode())
     return manifest
 
 
@@ -133,7 +161,7 @@ def load_manifest(data: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pack the data first (python -m pack ...), "
                                 f"or join packed parts with python -m pack.merge {data}")
-    manifest = read_json(path)
+    manifest = read_json(path, needs=("format_version", "classes", "splits"))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {manifest.get('format_version')}, "
                          f"this code reads {FORMAT_VERSION}; re-pack the data")

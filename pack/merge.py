@@ -16,12 +16,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="the --out folder the parts packed into")
     args = parser.parse_args(argv)
+    if not args.data.is_dir():
+        raise SystemExit(f"error: {args.data}: no such folder")
+    if not list(args.data.glob("*/plan.json")):
+        raise SystemExit(f"error: {args.data} holds no packed split (no */plan.json)")
     try:
         manifest = write_manifest(args.data)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if not manifest["splits"]:
-        raise SystemExit(f"error: {args.data} holds no packed split (no */plan.json)")
+    except OSError as e:
+        raise SystemExit(f"error: {args.data}: cannot write the manifest there ({e.strerror or e})") from None
     for name, split in manifest["splits"].items():
         state = "complete" if split["complete"] else f"INCOMPLETE ({split['groups_done']}/{split['groups_total']} " \
                                                      f"groups): {missing_parts(split)}"

@@ -1,6 +1,7 @@
 """Writing WebDataset tar shards with their DALI index, never leaving a partial file behind."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -31,6 +32,29 @@ def sample_key(video_id: str) -> str:
     return f"{safe[:MAX_KEY - 13] or 'video'}_{hashlib.sha1(video_id.encode()).hexdigest()[:12]}"
 
 
+class HashingFile:
+    """A file opened for writing that hashes (SHA-256) what passes through: a shard's hash costs no second read."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def sync(self) -> None:
+        """Flush to disk: a renamed shard is whole even after a crash."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class ShardWriter:
     """Writes samples into `{prefix}-{k:03d}.tar` pieces, starting a new piece past max_bytes.
 
@@ -41,13 +65,13 @@ class ShardWriter:
     def __init__(self, prefix: Path, max_bytes: int):
         self.prefix = prefix
         self.max_bytes = max_bytes
-        self.finished: list[dict] = []  # {"tar", "idx", "samples", "bytes"} per closed piece
+        self.finished: list[dict] = []  # {"tar", "idx", "samples", "bytes", "sha256", "idx_sha256"} per closed piece
         self._tar: tarfile.TarFile | None = None
 
     def _open(self) -> None:
         self._path = Path(f"{self.prefix}-{len(self.finished):03d}.tar")
         self._tmp = self._path.with_name(f".{self._path.name}.tmp{os.getpid()}")
-        self._file = open(self._tmp, "wb")
+        self._file = HashingFile(self._tmp)
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._index: list[str] = []
 
@@ -72,19 +96,21 @@ class ShardWriter:
             return
         self._tar.close()
         size = self._file.tell()
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._file.sync()
         self._file.close()
         idx = self._path.with_suffix(".idx")
-        atomic_write_bytes(idx, f"{INDEX_VERSION} {len(self._index)}\n{chr(10).join(self._index)}\n".encode())
+        index = f"{INDEX_VERSION} {len(self._index)}\n{chr(10).join(self._index)}\n".encode()
+        atomic_write_bytes(idx, index)
         os.replace(self._tmp, self._path)
-        self.finished.append({"tar": self._path.name, "idx": idx.name, "samples": len(self._index), "bytes": size})
+        self.finished.append({"tar": self._path.name, "idx": idx.name, "samples": len(self._index), "bytes": size,
+                              "sha256": self._file.digest.hexdigest(), "idx_sha256": hashlib.sha256(index).hexdigest()})
         self._tar = None
 
     def abort(self) -> None:
         """Drop the open piece (on error): its temporary file is removed."""
         if self._tar is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a full disk fails the close's flush: the file goes all the same
+                self._file.close()
             self._tmp.unlink(missing_ok=True)
             self._tar = None
 

@@ -2,12 +2,14 @@
 
     python -m pack.verify DATA [--split val] [--workers 8]
 
-Reads every shard the manifest lists and checks that its tar and its index agree (the same
+First checks every shard's and index's bytes against the SHA-256 the manifest recorded when
+they were packed (a bit flipped in a JPEG that still decodes is found only so). Then reads
+every shard the manifest lists and checks that its tar and its index agree (the same
 members at the same offsets), that every sample has its components, that every JPEG
 decodes (strictly: damaged data behind an intact header is an error here, which DALI cannot
 tell), that every `cls` is an integer in range and the label of its video, and that the
 counts match the manifest (per shard, per video, per split; rgb and flow hold the same
-samples). One line per problem, naming the shard's file and the sample; the exit status is
+samples), and that no sample key is in a split twice. One line per problem, naming the shard's file and the sample; the exit status is
 0 only when all is well.
 """
 from __future__ import annotations
@@ -23,8 +25,10 @@ from pathlib import Path
 import simplejpeg
 from tqdm import tqdm
 
+from .files import file_sha256
 from .manifest import load_manifest
 from .shards import index_entries, key_of, parse_label, read_index
+from .workers import die_with_parent
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -50,15 +54,25 @@ def tar_members(path: Path) -> tuple[dict[str, tuple[int, int]], str | None]:
     return members, None
 
 
+def changed_bytes(data: Path, piece: dict) -> list[str]:
+    """The shard's files whose bytes are not those packed (their SHA-256 against the manifest's); none if unrecorded."""
+    problems = []
+    for name, recorded in ((piece["tar"], piece.get("sha256")), (piece["idx"], piece.get("idx_sha256"))):
+        if recorded is not None and file_sha256(data / name) != recorded:
+            problems.append(f"{Path(name).name}: its bytes changed since it was packed (SHA-256 differs from the "
+                            f"manifest's): copy it again from the source, or re-pack its group")
+    return problems
+
+
 def check_shard(data: Path, piece: dict, modality: str, exts: list[str], expected_cls: dict[str, int],
                 num_classes: int, labelled: bool) -> tuple[list[str], list[str]]:
-    """(problems, sample keys) of one shard: tar and index agree, components, JPEGs, labels, count."""
+    """(problems, sample keys) of one shard: its bytes as packed, tar and index agree, components, JPEGs, labels, count."""
     tar_path, idx_path = data / piece["tar"], data / piece["idx"]
     name = tar_path.name
     for path in (tar_path, idx_path):
         if not path.is_file():
             return [f"{path.name}: missing"], []
-    problems = []
+    problems = changed_bytes(data, piece)
     members, broken = tar_members(tar_path)
     if broken:
         problems.append(f"{name}: {broken}")
@@ -148,6 +162,10 @@ def check_counts(manifest: dict, split: str, keys: dict[str, list[str]]) -> list
             if per_video.get(v.get("key", vid), 0) != v["samples"]:
                 problems.append(f"{split}/{modality}: video {vid}: {per_video.get(v.get('key', vid), 0)} samples in "
                                 f"the shards, the manifest says {v['samples']}")
+        repeated = [k for k, n in Counter(found).items() if n > 1]
+        if repeated:
+            problems.append(f"{split}/{modality}: {len(repeated)} sample key(s) in the split more than once, the first "
+                            f"{repeated[0]}: a shard listed twice, or parts of two packs joined; re-pack the split")
     if len(keys) == 2 and set(keys["rgb"]) != set(keys["flow"]):
         problems.append(f"{split}: rgb and flow shards hold other samples "
                         f"({len(set(keys['rgb']) ^ set(keys['flow']))} keys in one only)")
@@ -161,12 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     splits = args.split or sorted(manifest["splits"])
+    if not splits:
+        raise SystemExit(f"error: {args.data}/manifest.json lists no split: nothing to check")
     unknown = sorted(set(splits) - set(manifest["splits"]))
     if unknown:
         raise SystemExit(f"error: {args.data} has no split {', '.join(unknown)}; it has {sorted(manifest['splits'])}")
     jobs = [job for split in splits for job in split_jobs(args.data, manifest, split)]
+    unhashed = sum("sha256" not in job[2][1] for job in jobs)
+    if unhashed:
+        print(f"note: {unhashed} of {len(jobs)} shards have no recorded SHA-256 (packed before pack recorded it): "
+              f"their bytes are checked by reading them only; re-pack to record their hashes")
     problems, keys = [], {split: {} for split in splits}
-    with ProcessPoolExecutor(max(1, args.workers), mp_context=mp.get_context("fork")) as pool, \
+    with ProcessPoolExecutor(max(1, args.workers), mp_context=mp.get_context("fork"), initializer=die_with_parent) as pool, \
             tqdm(total=len(jobs), unit="shard", desc="verifying", file=sys.stderr) as bar:
         futures = [(split, modality, pool.submit(check_shard, *job_args)) for split, modality, job_args in jobs]
         for split, modality, future in futures:
@@ -184,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"{len(problems)} problem(s) in {args.data} ({len(jobs)} shards, {samples} samples read)")
         return 1
-    print(f"all well: {args.data}, {', '.join(splits)}: {len(jobs)} shards, {samples} samples, every JPEG decodes")
+    hashed = "" if unhashed else ", every byte as packed"
+    print(f"all well: {args.data}, {', '.join(splits)}: {len(jobs)} shards, {samples} samples, every JPEG decodes{hashed}")
     return 0
 
 

@@ -17,7 +17,11 @@ class VideoError(Exception):
 
 
 def walk_files(root: Path):
-    """Every file under root, in sorted order, following links to folders (each real folder once: no loops)."""
+    """Every file under root, in sorted order, following links to folders (each real folder once: no loops).
+
+    Hidden files and folders are not data: macOS's `._clip.mp4` (AppleDouble metadata, not a
+    video), `.DS_Store`, `.thumbs/`.
+    """
     seen = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -25,9 +29,10 @@ def walk_files(root: Path):
             dirs[:] = []
             continue
         seen.add(real)
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            yield Path(folder) / name
+            if not name.startswith("."):
+                yield Path(folder) / name
 
 
 class VideoIndex:
@@ -39,10 +44,14 @@ class VideoIndex:
             raise FileNotFoundError(f"--videos {self.root}: no such folder")
         self.by_path: dict[str, Path] = {}
         self.by_stem: dict[str, list[Path]] = {}
+        self.by_lower: dict[str, list[str]] = {}  # a lowercased relative path or stem -> the relative paths it names
         for path in walk_files(self.root):
             if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
-                self.by_path[path.relative_to(self.root).as_posix()] = path
+                relative = path.relative_to(self.root).as_posix()
+                self.by_path[relative] = path
                 self.by_stem.setdefault(path.stem, []).append(path)
+                for name in {relative.lower(), path.stem.lower()}:
+                    self.by_lower.setdefault(name, []).append(relative)
 
     def find(self, *stems: str, path: str | None = None) -> Path | None:
         """A video by its relative path, else by the first of stems that names exactly one file.
@@ -59,6 +68,10 @@ class VideoIndex:
             if found:
                 return found[0]
         return None
+
+    def other_case(self, *names: str) -> list[str]:
+        """The videos whose relative path or stem is one of names but for letter case (for a missing file's message)."""
+        return sorted({p for name in names if name for p in self.by_lower.get(name.lower(), [])})
 
 
 def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import signal
+import sys
 
 import cv2
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @contextlib.contextmanager
@@ -20,3 +25,9 @@ def opencv_threads_stopped():
         yield
     finally:
         cv2.setNumThreads(threads)
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this worker when its parent dies, even by kill -9: no orphan goes on writing (Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

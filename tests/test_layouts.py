@@ -273,3 +273,118 @@ def test_train_score_fuse_and_predict_work_unchanged_on_a_layout(tmp_path):
     outcome = predict.main(predict.get_args_parser().parse_args([str(bruno), "--rgb", str(tmp_path / "rgb" / "latest.pt"),
                                                                  "--flow", str(tmp_path / "flow" / "latest.pt")]))
     assert list(outcome["results"]) == [bruno.stem] and outcome["classes"] == ["brush_hair", "clap"]
+
+
+@pytest.mark.parametrize("layout", ["folders", "list", "ucf101", "hmdb51", "csv"])
+def test_two_files_that_would_be_one_id_stop_the_pack_naming_both(tmp_path, layout):
+    """walk/0001.avi beside walk/0001.mp4 (a Kinetics {youtube_id}.mp4 beside its .mkv): which one is meant cannot be told."""
+    clips = tmp_path / "clips"
+    place(clips / "walk" / "0001.avi", "g1")
+    place(clips / "walk" / "0001.mp4", "g1")
+    place(clips / "run" / "0002.mp4", "g1")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    if layout == "folders":
+        args, names = ["--folders", clips, "--split", "train"], ["walk/0001.avi", "walk/0001.mp4"]
+    elif layout == "list":
+        (lists / "train.txt").write_text("walk/0001.avi walk\nwalk/0001.mp4 walk\nrun/0002.mp4 run\n")
+        args, names = ["--list", lists / "train.txt", "--split", "train", "--videos", clips], ["walk/0001.avi", "walk/0001.mp4"]
+    elif layout == "ucf101":
+        (lists / "classInd.txt").write_text("1 walk\n2 run\n")
+        (lists / "trainlist01.txt").write_text("walk/0001.avi 1\nwalk/0001.mp4 1\n")
+        (lists / "testlist01.txt").write_text("run/0002.mp4\n")
+        args, names = ["--ucf101", lists, "--videos", clips], ["walk/0001.avi", "walk/0001.mp4"]
+    elif layout == "hmdb51":
+        (lists / "walk_test_split1.txt").write_text("0001.avi 1\n0001.mp4 1\n")
+        (lists / "run_test_split1.txt").write_text("0002.mp4 2\n")
+        args, names = ["--hmdb51", lists, "--videos", clips], ["walk/0001.avi", "walk/0001.mp4"]
+    else:
+        place(clips / "abc.mp4", "g1")
+        place(clips / "more" / "abc.mkv", "car")
+        (lists / "k.csv").write_text("label,youtube_id,time_start,time_end,split\nwalk,abc,0,10,train\n"
+                                     "run,0002,0,10,train\n")
+        args, names = ["--csv", lists / "k.csv", "--videos", clips], ["abc.mp4", "more/abc.mkv"]
+    with pytest.raises(SystemExit) as e:
+        run_pack(*args, "--out", tmp_path / "data", *FAST)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and all(n in message for n in names), message
+    assert "rename" in message and not (tmp_path / "data" / "manifest.json").exists()
+
+
+def test_a_split_whose_videos_are_all_missing_or_unlisted_is_an_error(tmp_path):
+    clips = tmp_path / "clips"
+    place(clips / "walk" / "0001.mp4", "g1")
+    listing = tmp_path / "train.txt"
+    listing.write_text("walk/0002.mp4 walk\nrun/0003.mp4 run\n")
+    with pytest.raises(SystemExit, match=r"^error: split train: none of its 2 videos is under .*clips .*check --videos"):
+        run_pack("--list", listing, "--split", "train", "--videos", clips, "--out", tmp_path / "data", *FAST)
+    listing.write_text("\n")
+    with pytest.raises(SystemExit, match=r"^error: .*train.txt: split train lists no videos"):
+        run_pack("--list", listing, "--split", "train", "--videos", clips, "--out", tmp_path / "data", *FAST)
+    assert not (tmp_path / "data" / "manifest.json").exists()
+
+
+def test_list_paths_are_normalised_and_a_file_of_other_case_is_named(tmp_path):
+    clips = tmp_path / "clips"
+    place(clips / "walk" / "0001.mp4", "g1")
+    place(clips / "run" / "0002.avi", "g1")
+    place(clips / "run" / "Jump.avi", "g1")
+    listing = tmp_path / "train.txt"
+    listing.write_bytes(b".\\walk\\0001.mp4 walk\r\n./run/0002.avi run\r\nrun/jump.avi run\r\n")
+    out = tmp_path / "data"
+    assert run_pack("--list", listing, "--split", "train", "--videos", clips, "--out", out, *FAST) == 0
+    info = load_manifest(out)["splits"]["train"]
+    assert set(info["video_info"]) == {"walk/0001", "run/0002"}
+    assert info["failed"] == {"run/jump": "missing: no video file with this name under --videos (did you mean "
+                                          "run/Jump.avi? its letter case differs)"}
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"SLURM_ARRAY_TASK_ID": "one", "SLURM_ARRAY_TASK_COUNT": "2"}, "SLURM_ARRAY_TASK_ID='one' is not a number"),
+    ({"SLURM_ARRAY_TASK_ID": "1"}, "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not"),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": ""}, "SLURM_ARRAY_TASK_MIN=''"),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "--num-parts": "2"}, "--num-parts 2 without --part"),
+])
+def test_odd_slurm_variables_and_flags_are_refused_before_any_work(tmp_path, monkeypatch, env, match):
+    videos, lists, *_ = ucf101(tmp_path)
+    flags = [f"--num-parts={env.pop('--num-parts')}"] if "--num-parts" in env else []
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=f"^error: {match}"):
+        run_pack("--ucf101", lists, "--videos", videos, "--out", tmp_path / "data", *FAST, *flags)
+    assert not (tmp_path / "data" / "train").exists()
+
+
+def test_class_folders_hidden_files_a_val_split_lacking_a_class_and_an_empty_class(tmp_path, capsys):
+    """._* (macOS metadata) and hidden folders are no videos; val without one of train's classes packs; an empty class is said."""
+    train, val = tmp_path / "train", tmp_path / "val"
+    for cls in ("run", "walk"):
+        place(train / cls / "a.mp4", "g1")
+    (train / "walk" / "._a.mp4").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    place(train / "walk" / ".thumbs" / "a.mp4", "g1")
+    (train / "jump").mkdir()
+    place(val / "walk" / "b.mp4", "g1")
+    out = tmp_path / "data"
+    assert run_pack("--folders", train, "--split", "train", "--out", out, *FAST) == 0
+    assert "warning: split train has no videos of 1 of its 3 classes: jump" in capsys.readouterr().out
+    info = load_manifest(out)["splits"]["train"]
+    assert set(info["video_info"]) == {"run/a", "walk/a"} and not info["failed"]
+    assert run_pack("--folders", val, "--split", "val", "--classes", out / "classes.txt", "--out", out, *FAST) == 0
+    manifest = load_manifest(out)
+    assert manifest["classes"] == ["jump", "run", "walk"] and manifest["splits"]["val"]["video_info"]["walk/b"]["cls"] == 2
+
+
+def test_a_class_named_twice_is_an_error_naming_the_line(tmp_path):
+    videos, lists, *_ = ucf101(tmp_path)
+    (lists / "classInd.txt").write_bytes(b"1 ApplyEyeMakeup\r\n2 HandstandPushups\r\n3 Biking\r\n4 Biking\r\n")
+    with pytest.raises(SystemExit, match=rf"^error: {lists / 'classInd.txt'}:4: the class 'Biking' is named twice "
+                                         rf"\(also at .*classInd.txt:3\)"):
+        run_pack("--ucf101", lists, "--videos", videos, "--out", tmp_path / "data", *FAST)
+    (tmp_path / "classes.txt").write_text("a\nb\na\n")
+    listing = tmp_path / "l.txt"
+    listing.write_text("x.mp4 a\n")
+    with pytest.raises(SystemExit, match=r"classes.txt:3: the class 'a' is named twice"):
+        run_pack("--list", listing, "--split", "train", "--classes", tmp_path / "classes.txt", "--videos", videos,
+                 "--out", tmp_path / "data", *FAST)

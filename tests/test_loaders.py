@@ -336,6 +336,7 @@ def test_clear_errors_before_any_work(data, tmp_path):
     csv = tmp_path / "k.csv"
     csv.write_text("label,youtube_id,time_start,time_end,split\na,nothere,0,10,train\n")
     (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "nothere.mp4").write_bytes(b"")  # its one video broken: a split of no samples
     run_pack("--csv", csv, "--videos", tmp_path / "videos", "--out", tmp_path / "empty", "--workers", "1")
     with pytest.raises(ValueError, match="no rgb shards"):
         loaders.build(tmp_path / "empty", "train", "rgb", True, 8)

@@ -151,6 +151,8 @@ def test_parts_packed_separately_join_into_one_manifest(synth, tmp_path):
 
     assert merge([str(tmp_path / "parts")]) == 0
     assert shard_contents(tmp_path / "parts", "val") == shard_contents(tmp_path / "whole", "val")
+    joined, whole = (load_manifest(tmp_path / d)["splits"]["val"]["shards"] for d in ("parts", "whole"))
+    assert joined == whole and all(len(p["sha256"]) == len(p["idx_sha256"]) == 64 for p in joined["rgb"] + joined["flow"])
 
 
 def test_repacking_with_other_parameters_is_refused(synth, tmp_path):
@@ -293,4 +295,162 @@ def test_verify_finds_every_problem_and_passes_whole_data(data, tmp_path, capsys
     assert f"val/rgb/{rgb[1].name}: {target.rsplit('.', 2)[0]}: rgb.jpg does not decode" in out
     assert re.search(rf"val/rgb/{rgb[2].name}: \S+: this sample and the \d+ after it are not in the tar", out)
     assert re.search(rf"val/rgb/{rgb[2].name}: truncated", out)
-    assert out.splitlines()[-1].startswith(f"4 problem(s) in {copy}")  # one line each, nothing else
+    for shard in rgb[:3]:  # the hashes find each first, then the checks as before say what is wrong
+        assert f"val/rgb/{shard.name}: its bytes changed since it was packed" in out
+    assert out.splitlines()[-1].startswith(f"{3 + 4} problem(s) in {copy}")  # one line each, nothing else
+
+
+def flip_a_bit_that_still_decodes(tar: Path) -> str:
+    """Flip one bit in the middle of a JPEG's entropy-coded data, where it still decodes (strictly): its member's name."""
+    with tarfile.open(tar) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".jpg"))
+    data = bytearray(tar.read_bytes())
+    start, size = member.offset_data, member.size
+    for position in range(start + size // 2, start + size - 2):
+        for bit in range(8):
+            jpeg = bytearray(data[start:start + size])
+            jpeg[position - start] ^= 1 << bit
+            try:
+                simplejpeg.decode_jpeg(bytes(jpeg), strict=True)
+            except ValueError:
+                continue
+            data[position] ^= 1 << bit
+            tar.write_bytes(bytes(data))
+            return member.name
+    raise AssertionError("no bit flip that still decodes")
+
+
+def test_verify_checks_every_byte_against_the_packed_hashes_first(data, tmp_path, capsys):
+    """One bit of a JPEG's data flipped (it still decodes): verify names the shard; a manifest without hashes still verifies."""
+    import json
+
+    from pack.files import file_sha256
+    from pack.verify import main as verify
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    pieces = load_manifest(copy)["splits"]["val"]["shards"]["rgb"]
+    assert all(p["sha256"] == file_sha256(copy / p["tar"]) and p["idx_sha256"] == file_sha256(copy / p["idx"])
+               for p in pieces)
+    shard = copy / pieces[1]["tar"]
+    flip_a_bit_that_still_decodes(shard)
+    assert verify([str(copy), "--split", "val", "--workers", "2"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"val/rgb/{shard.name}: its bytes changed since it was packed (SHA-256 differs from the " \
+                     f"manifest's): copy it again from the source, or re-pack its group"
+    assert out[-1].startswith(f"1 problem(s) in {copy}")  # the rest of the checks pass: only the hash finds it
+    # a manifest of an earlier version (no hashes): verified as before, and it says the hashes are absent
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for modality_pieces in split["shards"].values():
+            for piece in modality_pieces:
+                del piece["sha256"], piece["idx_sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert verify([str(copy), "--split", "val", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "have no recorded SHA-256 (packed before pack recorded it)" in out and "all well" in out
+    assert "every byte as packed" not in out
+    # a shard listed twice (a hand-joined manifest): its sample keys are in the split twice
+    manifest["splits"]["val"]["shards"]["rgb"].append(manifest["splits"]["val"]["shards"]["rgb"][0])
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert verify([str(copy), "--split", "val", "--workers", "2"]) == 1
+    assert re.search(r"val/rgb: \d+ sample key\(s\) in the split more than once", capsys.readouterr().out)
+
+
+def session_processes(session: int) -> list[str]:
+    """The live (not zombie) processes of a session: `pid state command`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(f"{stat.parent.name} {fields[0]} {(stat.parent / 'cmdline').read_bytes()[:80]!r}")
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_sigterm_to_the_main_process_stops_its_workers_and_a_rerun_finishes_alike(tmp_path, sig):
+    """kill PID (SIGTERM: the workers stopped, a message) or kill -9 PID (the kernel ends the workers with it)."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(4):
+        shutil.copy(DATA / "carphone_pristine.mp4", videos / f"car{i}.mp4")
+    csv = kinetics_csv(tmp_path / "k.csv", [(f"car{i}", "talking") for i in range(4)])
+    args = [sys.executable, "-m", "pack", "--csv", str(csv), "--videos", str(videos), "--workers", "2", "--stride", "1",
+            "--short-side", "128", "--shard-videos", "1", "--flow", "farneback"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(out)], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while len(session_processes(proc.pid)) < 3 and time.time() < deadline:  # the main process and its 2 workers
+        time.sleep(0.05)
+    time.sleep(1.0)  # mid-video
+    proc.send_signal(sig)  # the main process only
+    assert len(list((out / "train" / "records").glob("*.json"))) < 4, "the kill should land mid-job"
+    stderr = proc.communicate(timeout=60)[1]  # the workers hold stderr open while they live
+    assert proc.returncode != 0 and "Traceback" not in stderr
+    assert sig == signal.SIGKILL or "error: stopped by SIGTERM" in stderr
+    deadline = time.time() + 10
+    while session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not session_processes(proc.pid), "a worker outlived the main process"
+    subprocess.run(args + ["--out", str(out)], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(args + ["--out", str(tmp_path / "ref")], check=True, cwd=ROOT, capture_output=True)
+    assert load_manifest(out)["splits"]["train"]["shards"] == load_manifest(tmp_path / "ref")["splits"]["train"]["shards"]
+    assert not list(out.rglob(".*.tmp*")), "temporary files left behind"
+
+
+def test_two_splits_packed_at_once_into_a_new_folder_take_one_class_list(synth, tmp_path):
+    """train and val started together; val lacks a class: the one class list is the first plan's, the manifest whole."""
+    from pack.verify import main as verify
+
+    rows = (synth / "val.csv").read_text().splitlines()
+    val = tmp_path / "val.csv"
+    val.write_text("\n".join(r for r in rows if not r.startswith('"red moving up"')) + "\n")
+    out = tmp_path / "data"
+    common = ["--videos", str(synth / "videos"), "--out", str(out), "--workers", "1", "--stride", "4", "--short-side",
+              "48", "--flow", "dis", "--shard-videos", "4"]
+    runs = {split: subprocess.Popen([sys.executable, "-m", "pack", "--csv", str(csv), *common], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for split, csv in (("train", synth / "train.csv"), ("val", val))}
+    results = {split: (p.wait(timeout=300), p.stdout.read() + p.stderr.read()) for split, p in runs.items()}
+    for split, (code, output) in results.items():
+        assert "Traceback" not in output, output[-3000:]
+        errors = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert code == 0 or (split == "train" and errors and "not in the class list" in errors[0]), output[-3000:]
+    manifest = load_manifest(out)
+    assert all(manifest["splits"][s]["complete"] for s, (code, _) in results.items() if code == 0)
+    assert verify([str(out), "--workers", "1"]) == 0
+    if results["train"][0] == 0:  # train's plan came first: val took its 6 classes
+        assert len(manifest["classes"]) == 6 and set(manifest["splits"]) == {"train", "val"}
+
+
+@pytest.mark.parametrize("flag, value", [("--stride", "0"), ("--flow-len", "0"), ("--shard-videos", "0"),
+                                         ("--quality", "101"), ("--flow-bound", "nan"), ("--num-parts", "0")])
+def test_flags_out_of_range_are_refused_before_any_work(tmp_path, flag, value):
+    csv = kinetics_csv(tmp_path / "k.csv", [("g1", "x")])
+    done = subprocess.run([sys.executable, "-m", "pack", "--csv", str(csv), "--videos", str(DATA), "--out",
+                           str(tmp_path / "d"), flag, value], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"error: argument {flag}: {value} is" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "d").exists()
+
+
+def test_a_broken_manifest_plan_or_record_is_named_in_one_line(data, tmp_path):
+    from pack.merge import main as merge
+    from pack.verify import main as verify
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    whole = (copy / "manifest.json").read_text()
+    for text, match in ((whole[:100], "not valid JSON"), ('{"format_version": 1}', r"not the file pack writes \(no classes, splits\)")):
+        (copy / "manifest.json").write_text(text)
+        with pytest.raises(SystemExit, match=f"^error: {copy / 'manifest.json'}: {match}"):
+            verify([str(copy)])
+    (copy / "val" / "records" / "00001.json").write_text("{}")
+    with pytest.raises(SystemExit, match=rf"^error: {copy / 'val' / 'records' / '00001.json'}: not the file pack writes"):
+        merge([str(copy)])
+    with pytest.raises(SystemExit, match="no such folder"):
+        merge([str(tmp_path / "nothing")])
+    assert not (tmp_path / "nothing").exists()
