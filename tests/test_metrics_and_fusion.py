@@ -52,13 +52,15 @@ def test_per_class_accuracy_and_confusion():
     assert metrics.confusion_matrix(scores, labels).tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 0]]
 
 
-def write_scores(path, videos: dict[str, tuple[int, list[float]]], modality: str, classes=("a", "b"), split="val"):
-    """A score.py-format file with one frame per video."""
+def write_scores(path, videos: dict[str, tuple[int, list[float]]], modality: str, classes=("a", "b"), split="val",
+                 plan=None):
+    """A score.py-format file with one frame per video, scored on `split` (of plan `plan`, default one per split)."""
     keys = sorted(videos)
     np.savez(path, keys=np.array([f"{v}/000000" for v in keys]), videos=np.array(keys), frames=np.zeros(len(keys), int),
              labels=np.array([videos[v][0] for v in keys]), scores=np.array([videos[v][1] for v in keys], np.float32),
              logits=np.log(np.array([videos[v][1] for v in keys], np.float32)), classes=np.array(classes),
-             meta=np.array(json.dumps({"modality": modality, "split": split})))
+             meta=np.array(json.dumps({"modality": modality, "split": split, "checkpoint": f"{modality}.pt",
+                                       "scored": {"data": "data", "split": split, "plan": plan or f"plan-{split}"}})))
     return path
 
 
