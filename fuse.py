@@ -40,6 +40,9 @@ def read_score_file(path: Path) -> tuple[dict, dict]:
     """A score.py file's arrays and meta, or one line saying why it is not one."""
     if not Path(path).is_file():
         raise SystemExit(f"error: scores file {path} not found")
+    if not zipfile.is_zipfile(path):
+        raise SystemExit(f"error: {path} is not a score file (score.py writes a .npz, a zip of arrays); give the .npz "
+                         f"score.py --out wrote")
     try:
         with np.load(path, allow_pickle=False) as z:
             lacking = [k for k in SCORE_ARRAYS if k not in z.files]

@@ -52,12 +52,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-on", default="logits", choices=["logits", "scores"], help="as fuse.py: average logits or softmax scores")
     p.add_argument("--tta", default="none", choices=list(score.TTA), help="test-time views, as score.py")
     p.add_argument("--class-topk", type=metrics.class_topk_arg, default=0, help="as score.py: video score per class = mean of its K best frames")
-    p.add_argument("--top", type=int, default=5, help="classes shown per video")
+    p.add_argument("--top", type=score.positive_int, default=5, help="classes shown per video")
     p.add_argument("--out", type=Path, metavar="FILE.json", help="write the predictions as Kinetics result JSON (and the report of failures)")
     p.add_argument("--timeline", type=Path, metavar="DIR", help="write DIR/<video>.png: the top classes' scores over time "
                                                                "(<video>-<hash>.png where two videos share a name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and timeline PNGs")
-    p.add_argument("--batch-size", type=int, default=32, help="samples scored at once (memory is bounded by it)")
+    p.add_argument("--batch-size", type=score.positive_int, default=32, help="samples scored at once (memory is bounded by it)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="predict a video whose scores are not finite (NaN, inf) instead of reporting it: they count as last")

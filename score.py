@@ -43,6 +43,14 @@ TTA = {"none": [((0.5, 0.5), False)],
        "10crop": [(pos, flip) for pos in CORNERS for flip in (False, True)]}
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (a batch of 0 samples would never end)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a number >= 1")
+    return n
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="a train.py checkpoint (best.pt, latest.pt, ...)")
@@ -52,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-json", type=Path, help="video predictions in Kinetics result JSON (default: OUT with .json)")
     p.add_argument("--tta", default="none", choices=list(TTA), help="test-time views averaged per frame")
     p.add_argument("--class-topk", type=metrics.class_topk_arg, default=0, help="video score per class = mean of its K best frame scores (0: mean of all frames)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch")
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "cpu"], help="loader backend")
     p.add_argument("--workers", type=int, default=4, help="loader workers")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
@@ -76,8 +84,8 @@ def load_model(path: Path, device: torch.device, modality: str | None = None) ->
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else 'damaged'}); give a train.py "
+        said = str(e).strip().split(". ")[0] or "damaged"  # torch's first sentence (its advice is not for this case)
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {said}); give a train.py "
                          f"checkpoint (best.pt, latest.pt)") from None
     lacking = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
     if lacking:
