@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -385,6 +386,12 @@ def main(args: argparse.Namespace) -> dict:
     return {"results": results, "report": report, "classes": streams[0]["stream"].classes}
 
 
+def stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM (a scheduler's kill) ends the run as Ctrl-C does: the JSON still gets what was predicted."""
+    raise SystemExit(f"error: stopped by signal {signum} (SIGTERM)")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     outcome = main(get_args_parser().parse_args())
     sys.exit(1 if outcome["report"]["failed"] else 0)

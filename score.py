@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -328,7 +329,7 @@ def main(args: argparse.Namespace) -> dict:
     video_ids, vscores = metrics.video_scores(frames["scores"], frames["videos"], args.class_topk)
     partial = scored["partial_note"] if scored["partial"] else None
     meta.update(coverage=scored, non_finite_rows=non_finite, other_pack_params=other_params)
-    tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
+    tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}.npz")  # two runs at once: each its own
     np.savez_compressed(tmp, **frames, classes=np.array(ckpt["classes"]), meta=np.array(json.dumps(meta)))
     tmp.replace(args.out)
 
