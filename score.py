@@ -15,6 +15,8 @@ come from: the checkpoint's SHA-256, its training split's identity, the scored s
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -29,7 +31,7 @@ import metrics
 import nets
 from loaders.common import flip_batch, open_stream
 from outputs import check_outputs, replaced_note
-from pack.files import atomic_write_json, file_sha256
+from pack.files import atomic_write_json
 from pack.manifest import load_manifest, params_differ, split_identity
 
 CHECKPOINT_KEYS = ("args", "model", "classes", "iteration")  # what scoring reads of a train.py checkpoint
@@ -79,11 +81,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_model(path: Path, device: torch.device, modality: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """A train.py checkpoint's network, in eval mode on device; refused if its weights are not finite (or not `modality`)."""
+    """A train.py checkpoint's network, in eval mode on device, and the checkpoint with its bytes' SHA-256 ("file_sha256");
+    refused if its weights are not finite (or not `modality`)."""
     if not path.is_file():
         raise SystemExit(f"error: checkpoint {path} not found")
+    data = path.read_bytes()  # hashed as loaded: a training run may replace latest.pt meanwhile
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
         said = str(e).strip().split(". ")[0] or "damaged"  # torch's first sentence (its advice is not for this case)
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {said}); give a train.py "
@@ -92,6 +96,7 @@ def load_model(path: Path, device: torch.device, modality: str | None = None) ->
     if lacking:
         raise SystemExit(f"error: {path} is not a train.py checkpoint (it lacks {', '.join(lacking)}: a plain "
                          f"state_dict?); give the best.pt or latest.pt train.py wrote")
+    ckpt["file_sha256"] = hashlib.sha256(data).hexdigest()
     a = ckpt["args"]
     if modality and a["modality"] != modality:
         raise SystemExit(f"error: {path} is a {a['modality']} stream, given as the {modality} one")
@@ -291,7 +296,7 @@ def split_files(data: Path, split: dict) -> list[Path]:
 
 def provenance(args, ckpt: dict, manifest: dict) -> dict:
     """What a score file was made from: the checkpoint (its bytes' hash, iteration, training split), the split scored."""
-    return {"checkpoint": str(args.checkpoint), "checkpoint_sha256": file_sha256(args.checkpoint),
+    return {"checkpoint": str(args.checkpoint), "checkpoint_sha256": ckpt["file_sha256"],
             "iteration": ckpt["iteration"], "trained_on": ckpt.get("data"),
             "scored": split_identity(args.data, manifest, args.split), "data": str(args.data), "split": args.split,
             "tta": args.tta, "class_topk": args.class_topk}
