@@ -10,39 +10,130 @@ the stream that knows. A video or frame missing from a stream is fused from the 
 that have it, and counted in the report. Scores of part of a split (score.py --allow-partial)
 and non-finite scores (counted as wrong) are said beside the table, in results.md and
 results.json.
+
+Score files of different data or splits are refused (--allow-mixed fuses them anyway, said
+in every output); results.md and results.json record each input's provenance (its hash,
+its checkpoint's, the split it was scored on). Existing results are replaced only with
+--overwrite.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 import metrics
-from pack.files import atomic_write_bytes, atomic_write_json, check_output_dir
+from outputs import check_outputs, replaced_note
+from pack.files import atomic_write_bytes, atomic_write_json, file_sha256
 
 COLUMNS = ["frame_top1", "frame_top3", "video_top1", "video_top5", "mean_error", "video_mAP"]
+OUTPUTS = ("results.md", "results.json", "confusion.png")
+SCORE_ARRAYS = ("keys", "videos", "labels", "scores", "logits", "classes", "meta")
+
+
+def read_score_file(path: Path) -> tuple[dict, dict]:
+    """A score.py file's arrays and meta, or one line saying why it is not one."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: scores file {path} not found")
+    if not zipfile.is_zipfile(path):
+        raise SystemExit(f"error: {path} is not a score file (score.py writes a .npz, a zip of arrays); give the .npz "
+                         f"score.py --out wrote")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            lacking = [k for k in SCORE_ARRAYS if k not in z.files]
+            if lacking:
+                raise SystemExit(f"error: {path} is not a score.py file (it lacks {', '.join(lacking)}); "
+                                 f"give the .npz score.py --out wrote")
+            arrays = {k: z[k] for k in SCORE_ARRAYS}
+        meta = json.loads(str(arrays.pop("meta")))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise SystemExit(f"error: {path} is not a readable score file ({type(e).__name__}: {e}); "
+                         f"score the split again with score.py") from None
+    return arrays, meta
 
 
 def load_scores(path: Path, fuse_on: str, class_topk: int | None) -> dict:
-    """One stream's frame and video scores from a score.py file."""
-    if not Path(path).is_file():
-        raise SystemExit(f"error: scores file {path} not found")
-    z = np.load(path, allow_pickle=False)
-    meta = json.loads(str(z["meta"]))
+    """One stream's frame and video scores from a score.py file, and the file's hash."""
+    z, meta = read_score_file(path)
     values = z["scores"] if fuse_on == "scores" else z["logits"]
     topk = meta.get("class_topk", 0) if class_topk is None else class_topk
     video_ids, vvalues = metrics.video_scores(values, z["videos"], topk)
     labels = dict(zip(z["videos"], z["labels"]))
-    return {"path": str(path), "meta": meta, "classes": list(z["classes"]),
+    return {"path": str(path), "sha256": file_sha256(path), "meta": meta, "classes": list(z["classes"]),
             "frames": dict(zip(z["keys"], values)), "frame_labels": dict(zip(z["keys"], z["labels"])),
             "videos": dict(zip(video_ids, vvalues)), "video_labels": {v: labels[v] for v in video_ids}}
 
 
-def stream_name(stream: dict) -> str:
+def stream_label(stream: dict) -> str:
     return {"rgb": "RGB", "flow": "Flow"}.get(stream["meta"].get("modality"), Path(stream["path"]).stem)
+
+
+def name_streams(streams: list[dict]) -> None:
+    """Give each stream its row name: its modality, and the file's name where two share one ("RGB (rgb_ckpt32)").
+
+    The same scores given twice (one file, or a copy) are refused: fused with themselves they only weigh more.
+    """
+    first = {}
+    for s in streams:
+        twin = first.setdefault(s["sha256"], s)
+        if twin is not s:
+            raise SystemExit(f"error: {twin['path']} and {s['path']} hold the same scores (sha256 {s['sha256'][:12]}): "
+                             f"give each stream once (use --weights to weigh one more)")
+    labels = [stream_label(s) for s in streams]
+    for s, label in zip(streams, labels):
+        s["name"] = label if labels.count(label) == 1 else f"{label} ({Path(s['path']).stem})"
+    names = [s["name"] for s in streams]
+    for s, label in zip(streams, labels):
+        if names.count(s["name"]) > 1:  # one file name in two folders
+            s["name"] = f"{label} ({s['path']})"
+
+
+def identity(stream: dict) -> tuple | None:
+    """The split a score file was scored on, as (split, plan id); None for a file that does not say (an older score.py)."""
+    scored = stream["meta"].get("scored") or {}
+    return (scored["split"], scored["plan"]) if scored.get("plan") else None
+
+
+def describe(stream: dict) -> str:
+    scored = stream["meta"].get("scored")
+    if not identity(stream):
+        return f"{stream['path']}: split unknown (written by an earlier score.py)"
+    return f"{stream['path']}: {scored['data']} split {scored['split']} (plan {scored['plan']})"
+
+
+def check_one_split(streams: list[dict], allow_mixed: bool) -> str | None:
+    """Streams fused per video must be scores of one split of one packed data set: refused otherwise, unless
+    --allow-mixed; returns the note every output then carries."""
+    ids = [identity(s) for s in streams]
+    if len(streams) < 2 or (None not in ids and len(set(ids)) == 1):
+        return None
+    if None in ids:
+        problem = (f"{', '.join(s['path'] for s, i in zip(streams, ids) if i is None)} do(es) not record the split "
+                   f"it was scored on (an earlier score.py)")
+        fix = "score it again with this score.py"
+    else:
+        problem = f"the score files are of different data or splits ({'; '.join(describe(s) for s in streams)})"
+        fix = "fuse score files of one split"
+    if not allow_mixed:
+        raise SystemExit(f"error: {problem}: {fix}, or give --allow-mixed to fuse them anyway (noted in every output)")
+    return f"mixed inputs, fused anyway (--allow-mixed): {problem}"
+
+
+def input_record(stream: dict) -> dict:
+    """What results.json and results.md record of an input: the file and what it was made from."""
+    m = stream["meta"]
+    scored = m.get("scored") or {}
+    return {"row": stream.get("name"), "path": stream["path"], "sha256": stream["sha256"],
+            "checkpoint": m.get("checkpoint"), "checkpoint_sha256": m.get("checkpoint_sha256"),
+            "iteration": m.get("iteration"), "modality": m.get("modality"), "data": scored.get("data", m.get("data")),
+            "split": scored.get("split", m.get("split")), "plan": scored.get("plan"), "tta": m.get("tta"),
+            "class_topk": m.get("class_topk"), "trained_on": m.get("trained_on"),
+            "other_pack_params": m.get("other_pack_params")}
 
 
 def fuse(tables: list[dict], weights: list[float]) -> dict:
@@ -74,9 +165,10 @@ def labels_of(streams: list[dict], kind: str) -> dict:
 def evaluate(streams: list[dict], weights: list[float]) -> dict:
     """Figures per stream and fused, keyed by row name."""
     frame_labels, video_labels = labels_of(streams, "frame_labels"), labels_of(streams, "video_labels")
-    rows = {stream_name(s): figures(s["frames"], s["frame_labels"], s["videos"], s["video_labels"]) for s in streams}
-    fused_name = "+".join(stream_name(s).upper() for s in streams)
-    rows[fused_name] = figures(fuse([s["frames"] for s in streams], weights), frame_labels,
+    rows = {s["name"]: figures(s["frames"], s["frame_labels"], s["videos"], s["video_labels"]) for s in streams}
+    if len(streams) == 1:
+        return rows
+    rows["+".join(stream_label(s).upper() for s in streams)] = figures(fuse([s["frames"] for s in streams], weights), frame_labels,
                                fuse([s["videos"] for s in streams], weights), video_labels)
     return rows
 
@@ -99,12 +191,17 @@ def search_weights(streams: list[dict], grid: list[float]) -> list[float]:
 def coverage(streams: list[dict]) -> dict:
     """Per stream, how many of all videos it lacks."""
     everything = set().union(*(s["videos"] for s in streams))
-    return {stream_name(s): len(everything - set(s["videos"])) for s in streams}
+    return {s["name"]: len(everything - set(s["videos"])) for s in streams}
 
 
-def notes(streams: list[dict], rows: dict) -> list[str]:
-    """What the table's figures must be read with: streams scored on part of their split, non-finite scores."""
-    out = [f"{stream_name(s)}: scored on part of the split ({s['meta']['coverage']['partial_note']})"
+def notes(streams: list[dict], rows: dict, missing: dict) -> list[str]:
+    """What the table's figures must be read with: videos a stream lacks, streams scored on part of their split or
+    on inputs packed otherwise than trained on, non-finite scores."""
+    out = [f"{name} lacks {n} video(s) that another stream has; fused from what is there"
+           for name, n in missing.items() if n]
+    out += [f"{s['name']}: scored on inputs packed otherwise than trained on ({s['meta']['other_pack_params']})"
+            for s in streams if s["meta"].get("other_pack_params")]
+    out += [f"{s['name']}: scored on part of the split ({s['meta']['coverage']['partial_note']})"
            for s in streams if s["meta"].get("coverage", {}).get("partial")]
     for name, r in rows.items():
         if r["frames_non_finite"] or r["videos_non_finite"]:
@@ -117,6 +214,17 @@ def markdown_table(rows: dict) -> str:
     lines = ["| stream | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[c]:.4f}" for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def inputs_table(records: list[dict]) -> str:
+    """results.md's record of the inputs: each file, its hash, its checkpoint's, the split it was scored on."""
+    lines = ["| stream | file | sha256 | checkpoint | checkpoint sha256 | iteration | data | split | plan | tta |",
+             "|---" * 10 + "|"]
+    for r in records:
+        lines.append("| " + " | ".join(str(r[k]) if r[k] is not None else "unknown" for k in
+                                       ("row", "path", "sha256", "checkpoint", "checkpoint_sha256", "iteration", "data",
+                                        "split", "plan", "tta")) + " |")
     return "\n".join(lines)
 
 
@@ -144,49 +252,74 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], title: str, path: Pat
     plt.close(fig)
 
 
+def weight_arg(text: str) -> float:
+    """argparse type of a fusion weight: a finite number >= 0 (NaN or inf would make every fused score NaN)."""
+    w = float(text)
+    if not (math.isfinite(w) and w >= 0):
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number >= 0")
+    return w
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scores", nargs="+", type=Path, help="score.py files, one per stream, of the split to report on")
-    p.add_argument("--weights", nargs="+", type=float, help="one weight per stream (default: all 1)")
+    p.add_argument("--weights", nargs="+", type=weight_arg, help="one weight per stream (default: all 1)")
     p.add_argument("--fuse-on", default="logits", choices=["logits", "scores"],
                    help="average logits (default: a product of the streams' probabilities) or softmax scores")
-    p.add_argument("--class-topk", type=int, help="video scores by per-class top-K frame mean (default: as scored)")
+    p.add_argument("--class-topk", type=metrics.class_topk_arg, help="video scores by per-class top-K frame mean (default: as scored)")
     p.add_argument("--search-weights", nargs="+", type=Path, metavar="TUNE_SCORES",
                    help="score files of another split (same streams, same order) to choose the weights on")
-    p.add_argument("--grid", nargs="+", type=float, default=[x / 4 for x in range(13)], help="weights tried by --search-weights")
+    p.add_argument("--grid", nargs="+", type=weight_arg, default=[x / 4 for x in range(13)], help="weights tried by --search-weights")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.md, results.json, confusion.png")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="fuse score files of different data or splits (or that do not say); every output says so")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     return p
 
 
-def main(args: argparse.Namespace) -> dict:
-    check_output_dir(args.out, "--out")
-    streams = [load_scores(p, args.fuse_on, args.class_topk) for p in args.scores]
+def load_streams(paths: list[Path], args: argparse.Namespace) -> tuple[list[dict], str | None]:
+    """The score files of one kind (reported, or tuned on), named, checked to be of one split and class list."""
+    streams = [load_scores(p, args.fuse_on, args.class_topk) for p in paths]
+    name_streams(streams)
     for s in streams[1:]:
         if s["classes"] != streams[0]["classes"]:
             raise SystemExit(f"error: {s['path']} has another class list than {streams[0]['path']} "
                              f"({len(s['classes'])} vs {len(streams[0]['classes'])} classes); score both on data packed "
                              f"with the same classes")
+    return streams, check_one_split(streams, args.allow_mixed)
+
+
+def tuned_weights(streams: list[dict], args: argparse.Namespace) -> tuple[list[float], list[dict], list[str]]:
+    """--search-weights: the weights chosen on the tuning files, those files' records, and their notes."""
+    tune, mixed = load_streams(args.search_weights, args)
+    if len(tune) != len(streams):
+        raise SystemExit("error: --search-weights needs one score file per stream, in the same order")
+    if set(tune[0]["videos"]) & set(streams[0]["videos"]):
+        raise SystemExit("error: the tuning and reported score files share videos; tune the weights on "
+                         "another split than the one reported (e.g. tune on val, report on test)")
+    weights = search_weights(tune, args.grid)
+    print(f"weights chosen on {tune[0]['meta'].get('split', '?')}: {weights}")
+    records = [{**input_record(s), "row": f"{s['name']} (tuning)"} for s in tune]
+    return weights, records, [f"tuning files: {mixed}"] if mixed else []
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.weights and not any(args.weights):
+        raise SystemExit("error: --weights are all 0: give at least one stream a weight > 0")
+    replaced = check_outputs([("--out", args.out / name) for name in OUTPUTS],
+                             [*args.scores, *(args.search_weights or [])], args.overwrite)
+    streams, mixed = load_streams(args.scores, args)
     weights = args.weights or [1.0] * len(streams)
     if len(weights) != len(streams):
         raise SystemExit(f"error: {len(weights)} weights for {len(streams)} score files")
-    tuned_on = None
+    tuned_on, said = None, [mixed] if mixed else []
     if args.search_weights:
-        tune = [load_scores(p, args.fuse_on, args.class_topk) for p in args.search_weights]
-        if len(tune) != len(streams):
-            raise SystemExit("error: --search-weights needs one score file per stream, in the same order")
-        if set(tune[0]["videos"]) & set(streams[0]["videos"]):
-            raise SystemExit("error: the tuning and reported score files share videos; tune the weights on "
-                             "another split than the one reported (e.g. tune on val, report on test)")
-        weights = search_weights(tune, args.grid)
-        tuned_on = [str(p) for p in args.search_weights]
-        print(f"weights chosen on {tune[0]['meta'].get('split', '?')}: {weights}")
+        weights, tuned_on, tune_notes = tuned_weights(streams, args)
+        said += tune_notes
     missing = coverage(streams)
-    for name, n in missing.items():
-        if n:
-            print(f"note: {name} lacks {n} video(s) that another stream has; fused from what is there")
     rows = evaluate(streams, weights)
     table = markdown_table(rows)
-    said = notes(streams, rows)
+    said += notes(streams, rows, missing)
     print(table + "".join(f"\nnote: {n}" for n in said))
     if args.fuse_on == "logits":
         print("(video scores here are the mean of the frames' logits, as fused; score.py averages softmax scores,\n"
@@ -195,14 +328,15 @@ def main(args: argparse.Namespace) -> dict:
     fused_name = list(rows)[-1]
     classes = streams[0]["classes"]
     plot_confusion(rows[fused_name]["_confusion"], classes, f"{fused_name} video confusion", args.out / "confusion.png")
+    inputs = [input_record(s) for s in streams]
     report = {"weights": weights, "fuse_on": args.fuse_on, "weights_tuned_on": tuned_on,
-              "inputs": [s["path"] for s in streams], "videos_missing_per_stream": missing, "classes": classes,
-              "notes": said,
+              "inputs": inputs, "videos_missing_per_stream": missing, "classes": classes, "notes": said,
               "rows": {name: {k: v for k, v in r.items() if not k.startswith("_")} for name, r in rows.items()}}
     atomic_write_json(args.out / "results.json", report)
     atomic_write_bytes(args.out / "results.md", (f"{table}\n\nweights {weights} on {args.fuse_on}\n"
-                                                 + "".join(f"\nnote: {n}\n" for n in said)).encode())
-    print(f"wrote {args.out / 'results.md'}, results.json, confusion.png")
+                                                 + "".join(f"\nnote: {n}\n" for n in said)
+                                                 + f"\ninputs:\n\n{inputs_table(inputs + (tuned_on or []))}\n").encode())
+    print(f"wrote {args.out / 'results.md'}, results.json, confusion.png{replaced_note(replaced)}")
     return report
 
 

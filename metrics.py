@@ -8,6 +8,8 @@ would otherwise make such a row "first".
 """
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
 
@@ -72,6 +74,14 @@ def confusion_matrix(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """counts[true, predicted] with predicted = argmax; non-finite rows have no prediction and are left out."""
     n, finite = scores.shape[1], finite_rows(scores)
     return np.bincount(labels[finite] * n + scores[finite].argmax(1), minlength=n * n).reshape(n, n)
+
+
+def class_topk_arg(text: str) -> int:
+    """argparse type of --class-topk: 0 (the mean of all frames) or K > 0 (a negative K would drop frames silently)."""
+    k = int(text)
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give 0 (the mean of all frames) or K > 0")
+    return k
 
 
 def video_scores(frame_scores: np.ndarray, videos: np.ndarray, class_topk: int = 0) -> tuple[np.ndarray, np.ndarray]:

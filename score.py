@@ -7,11 +7,19 @@ when the split has labels, and writes video predictions as ActivityNet/Kinetics 
 It refuses to print figures of part of a split (samples lost to damaged shards: the counts
 and the shards are printed; --allow-partial labels the figures "partial" instead) or of
 scores that are not finite (a diverged checkpoint; --allow-non-finite counts them as wrong).
+It refuses a split packed with other input parameters than the checkpoint was trained on
+(flow method, flow length, bound, short side; --allow-other-params scores it, noted in every
+output), and any existing output (--overwrite). The score file records where its numbers
+come from: the checkpoint's SHA-256, its training split's identity, the scored split's.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
+import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +30,13 @@ import loaders
 import metrics
 import nets
 from loaders.common import flip_batch, open_stream
-from pack.files import atomic_write_json, check_output_file
-from pack.manifest import load_manifest
+from outputs import check_outputs, replaced_note
+from pack.files import atomic_write_json
+from pack.manifest import load_manifest, params_differ, split_identity
+
+CHECKPOINT_KEYS = ("args", "model", "classes", "iteration")  # what scoring reads of a train.py checkpoint
+
+VERIFY_HINT = "find every problem with python -m pack.verify {data} --split {split}; re-pack or re-copy those shards"
 
 # Test-time views: (crop position, mirrored). Positions are relative (0..1, 0..1).
 CORNERS = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
@@ -31,6 +44,14 @@ TTA = {"none": [((0.5, 0.5), False)],
        "flip": [((0.5, 0.5), False), ((0.5, 0.5), True)],
        "3crop": [((0.0, 0.0), False), ((0.5, 0.5), False), ((1.0, 1.0), False)],
        "10crop": [(pos, flip) for pos in CORNERS for flip in (False, True)]}
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (a batch of 0 samples would never end)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a number >= 1")
+    return n
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,8 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="frame scores file to write (.npz)")
     p.add_argument("--results-json", type=Path, help="video predictions in Kinetics result JSON (default: OUT with .json)")
     p.add_argument("--tta", default="none", choices=list(TTA), help="test-time views averaged per frame")
-    p.add_argument("--class-topk", type=int, default=0, help="video score per class = mean of its K best frame scores (0: mean of all frames)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch")
+    p.add_argument("--class-topk", type=metrics.class_topk_arg, default=0, help="video score per class = mean of its K best frame scores (0: mean of all frames)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch")
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "cpu"], help="loader backend")
     p.add_argument("--workers", type=int, default=4, help="loader workers")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
@@ -52,14 +73,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="go on when scores are not finite (NaN, inf): they count as wrong, and the output says how many")
     p.add_argument("--allow-mirrored", action="store_true",
                    help="mirrored test-time views (--tta flip, 10crop) for a stream trained with --no-flip")
+    p.add_argument("--allow-other-params", action="store_true",
+                   help="score a split packed with other input parameters (flow, flow_len, flow_bound, short_side) "
+                        "than the checkpoint was trained on; every output says so")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --results-json")
     return p
 
 
 def load_model(path: Path, device: torch.device, modality: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """A train.py checkpoint's network, in eval mode on device; refused if its weights are not finite (or not `modality`)."""
+    """A train.py checkpoint's network, in eval mode on device, and the checkpoint with its bytes' SHA-256 ("file_sha256");
+    refused if its weights are not finite (or not `modality`)."""
     if not path.is_file():
         raise SystemExit(f"error: checkpoint {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    data = path.read_bytes()  # hashed as loaded: a training run may replace latest.pt meanwhile
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        said = str(e).strip().split(". ")[0] or "damaged"  # torch's first sentence (its advice is not for this case)
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {said}); give a train.py "
+                         f"checkpoint (best.pt, latest.pt)") from None
+    lacking = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
+    if lacking:
+        raise SystemExit(f"error: {path} is not a train.py checkpoint (it lacks {', '.join(lacking)}: a plain "
+                         f"state_dict?); give the best.pt or latest.pt train.py wrote")
+    ckpt["file_sha256"] = hashlib.sha256(data).hexdigest()
     a = ckpt["args"]
     if modality and a["modality"] != modality:
         raise SystemExit(f"error: {path} is a {a['modality']} stream, given as the {modality} one")
@@ -78,6 +115,33 @@ def check_mirrored_views(ckpt: dict, tta: str, allowed: bool, path) -> None:
     if ckpt["args"].get("no_flip") and any(mirrored for _, mirrored in TTA[tta]) and not allowed:
         raise SystemExit(f"error: {path} was trained with --no-flip (its classes tell left from right): --tta {tta} "
                          f"would score it on mirrored views; choose --tta none or 3crop, or give --allow-mirrored")
+
+
+def check_inputs(ckpt: dict, manifest: dict, split: dict, args) -> str | None:
+    """The split against the checkpoint, before any work: its classes, the views asked, its pack parameters.
+
+    Inputs made otherwise than the training data (another flow, flow length, bound, short side) are other
+    pictures than the network learnt: refused unless --allow-other-params; returns the note every output then carries.
+    """
+    if manifest["classes"] and manifest["classes"] != ckpt["classes"]:
+        raise SystemExit(f"error: {args.data} has another class list than the checkpoint ({len(manifest['classes'])} "
+                         f"vs {len(ckpt['classes'])}); pack the split with --classes from the training data")
+    check_mirrored_views(ckpt, args.tta, args.allow_mirrored, args.checkpoint)
+    trained = ckpt.get("pack_params")
+    if trained is None:
+        print(f"warning: {args.checkpoint} does not record its pack parameters (an older train.py): the inputs "
+              f"of {args.data}/{args.split} are not checked against them")
+        return None
+    differ = params_differ(trained, split["params"], ckpt["args"]["modality"])
+    if not differ:
+        return None
+    what = f"{args.data}/{args.split} was packed with other parameters than {args.checkpoint} was trained on " \
+           f"({', '.join(differ)})"
+    if not args.allow_other_params:
+        raise SystemExit(f"error: {what}; pack the split again with the checkpoint's parameters, or give "
+                         f"--allow-other-params to score it anyway (noted in every output)")
+    print(f"warning: {what}; scored anyway (--allow-other-params)")
+    return f"other pack parameters than trained on: {', '.join(differ)}"
 
 
 def inference_dtype(device: torch.device) -> torch.dtype | None:
@@ -117,9 +181,15 @@ def frame_scores(model, ckpt: dict, args, device: torch.device, split: dict) -> 
     views = TTA[args.tta]
     losses = {}
     for pos, flips in crop_positions(args.tta).items():
-        loader = loaders.build(args.data, args.split, a["modality"], False, args.batch_size, crop=a["input_size"],
-                               backend=args.backend, device=device, flow_len=a["flow_len"], workers=args.workers,
-                               crop_pos=pos)
+        try:
+            loader = loaders.build(args.data, args.split, a["modality"], False, args.batch_size, crop=a["input_size"],
+                                   backend=args.backend, device=device, flow_len=a["flow_len"], workers=args.workers,
+                                   crop_pos=pos)
+        except RuntimeError as e:  # DALI refuses up front a split none of whose shards it can read
+            if "shard can be read" not in str(e):
+                raise
+            raise SystemExit(f"error: 0 of {split['samples']} samples could be read, nothing to score: {e}\n"
+                             f"{VERIFY_HINT.format(data=args.data, split=args.split)}") from None
         for images, labels, keys in tqdm(loader, desc=f"view {pos}{' and mirrored' if True in flips else ''}",
                                          unit="batch"):
             logits, probs = view_sums(model, images, stream, flips, dtype)
@@ -129,6 +199,9 @@ def frame_scores(model, ckpt: dict, args, device: torch.device, split: dict) -> 
                 entry[2] = entry[2] + lg
                 entry[3] = entry[3] + pr
         losses.update({loss.shard: loss for loss in loader.losses})
+    if not sums:
+        raise SystemExit(f"error: {args.data}/{args.split}: 0 of {split['samples']} samples could be read, nothing to "
+                         f"score{lost_shards(list(losses.values()))}\n{VERIFY_HINT.format(data=args.data, split=args.split)}")
     uneven = [k for k, e in sums.items() if e[1] != len(views)]
     if uneven:
         print(f"warning: {len(uneven)} samples were not seen in every view (e.g. {uneven[0]})")
@@ -203,52 +276,74 @@ def results_json(video_ids, scores: np.ndarray, classes: list[str], youtube_ids:
     return {**doc, "partial": partial} if partial else doc
 
 
-def main(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    json_path = args.results_json or args.out.with_suffix(".json")
-    check_output_file(args.out, "--out")
-    check_output_file(json_path, "--results-json")
-    model, ckpt = load_model(args.checkpoint, device)
-    check_mirrored_views(ckpt, args.tta, args.allow_mirrored, args.checkpoint)
-    classes = ckpt["classes"]
-    manifest = load_manifest(args.data)
-    if manifest["classes"] and manifest["classes"] != classes:
-        raise SystemExit(f"error: {args.data} has another class list than the checkpoint ({len(manifest['classes'])} "
-                         f"vs {len(classes)}); pack the split with --classes from the training data")
+def load_split(args) -> tuple[dict, dict]:
+    """The manifest and its entry of args.split."""
+    try:
+        manifest = load_manifest(args.data)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     split = manifest["splits"].get(args.split)
     if split is None:
         raise SystemExit(f"error: {args.data} has no split {args.split!r}; it has {sorted(manifest['splits'])}")
+    return manifest, split
+
+
+def split_files(data: Path, split: dict) -> list[Path]:
+    """The files a split is read from (the manifest, shards, indexes): no output may be one of them."""
+    pieces = [piece for modality in split["shards"].values() for piece in modality]
+    return [data / "manifest.json", *(data / piece[k] for piece in pieces for k in ("tar", "idx"))]
+
+
+def provenance(args, ckpt: dict, manifest: dict) -> dict:
+    """What a score file was made from: the checkpoint (its bytes' hash, iteration, training split), the split scored."""
+    return {"checkpoint": str(args.checkpoint), "checkpoint_sha256": ckpt["file_sha256"],
+            "iteration": ckpt["iteration"], "trained_on": ckpt.get("data"),
+            "scored": split_identity(args.data, manifest, args.split), "data": str(args.data), "split": args.split,
+            "tta": args.tta, "class_topk": args.class_topk}
+
+
+def print_figures(frames: dict, vscores: np.ndarray, vlabels: np.ndarray, notes: list[str]) -> dict:
+    """The frame and video figures, with what they must be read with beside them; {} for a split without labels."""
+    if not (frames["labels"] >= 0).any():
+        print("the split has no labels: predictions only" + (f" ({'; '.join(notes)})" if notes else ""))
+        return {}
+    figures = metrics.summary(frames["scores"], frames["labels"], vscores, vlabels)
+    if figures["frames_non_finite"] or figures["videos_non_finite"]:
+        notes = [*notes, f"{figures['frames_non_finite']} frames and {figures['videos_non_finite']} videos of "
+                         f"non-finite scores counted as wrong"]
+    print(f"frame top-1 {figures['frame_top1']:.4f}  top-3 {figures['frame_top3']:.4f}  |  "
+          f"video top-1 {figures['video_top1']:.4f}  top-5 {figures['video_top5']:.4f}  "
+          f"mean error {figures['mean_error']:.4f}  mAP {figures['video_mAP']:.4f}"
+          + (f"  ({'; '.join(notes)})" if notes else ""))
+    return figures
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    json_path = args.results_json or args.out.with_suffix(".json")
+    manifest, split = load_split(args)
+    replaced = check_outputs([("--out", args.out), ("--results-json", json_path)],
+                             [args.checkpoint, *split_files(args.data, split)], args.overwrite)
+    model, ckpt = load_model(args.checkpoint, device)
+    other_params = check_inputs(ckpt, manifest, split, args)
+    meta = {"modality": ckpt["args"]["modality"], "arch": ckpt["args"]["arch"], **provenance(args, ckpt, manifest)}
     frames, losses = frame_scores(model, ckpt, args, device, split)
     scored = coverage(frames, split)
     check_complete(scored, losses, args)
     non_finite = check_finite(frames, args)
     video_ids, vscores = metrics.video_scores(frames["scores"], frames["videos"], args.class_topk)
-    vlabels = video_labels(frames, video_ids)
     partial = scored["partial_note"] if scored["partial"] else None
-    meta = {"modality": ckpt["args"]["modality"], "arch": ckpt["args"]["arch"], "checkpoint": str(args.checkpoint),
-            "iteration": ckpt["iteration"], "data": str(args.data), "split": args.split, "tta": args.tta,
-            "class_topk": args.class_topk, "coverage": scored, "non_finite_rows": non_finite}
-    tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
-    np.savez_compressed(tmp, **frames, classes=np.array(classes), meta=np.array(json.dumps(meta)))
+    meta.update(coverage=scored, non_finite_rows=non_finite, other_pack_params=other_params)
+    tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}.npz")  # two runs at once: each its own
+    np.savez_compressed(tmp, **frames, classes=np.array(ckpt["classes"]), meta=np.array(json.dumps(meta)))
     tmp.replace(args.out)
 
     youtube_ids = {v: info.get("youtube_id") or v for v, info in split["video_info"].items()}
-    atomic_write_json(json_path, results_json(video_ids, vscores, classes, youtube_ids, partial))
-    print(f"{len(frames['keys'])} frames of {len(video_ids)} videos scored -> {args.out}, {json_path}")
-    figures = {}
-    if (frames["labels"] >= 0).any():
-        figures = metrics.summary(frames["scores"], frames["labels"], vscores, vlabels)
-        notes = [partial] if partial else []
-        if figures["frames_non_finite"] or figures["videos_non_finite"]:
-            notes.append(f"{figures['frames_non_finite']} frames and {figures['videos_non_finite']} videos of "
-                         f"non-finite scores counted as wrong")
-        print(f"frame top-1 {figures['frame_top1']:.4f}  top-3 {figures['frame_top3']:.4f}  |  "
-              f"video top-1 {figures['video_top1']:.4f}  top-5 {figures['video_top5']:.4f}  "
-              f"mean error {figures['mean_error']:.4f}  mAP {figures['video_mAP']:.4f}"
-              + (f"  ({'; '.join(notes)})" if notes else ""))
-    else:
-        print("the split has no labels: predictions only" + (f" ({partial})" if partial else ""))
-    return figures
+    doc = results_json(video_ids, vscores, ckpt["classes"], youtube_ids, partial)
+    atomic_write_json(json_path, {**doc, "other_pack_params": other_params} if other_params else doc)
+    print(f"{len(frames['keys'])} frames of {len(video_ids)} videos scored -> {args.out}, {json_path}"
+          f"{replaced_note(replaced)}")
+    return print_figures(frames, vscores, video_labels(frames, video_ids), [n for n in (partial, other_params) if n])
 
 
 if __name__ == "__main__":

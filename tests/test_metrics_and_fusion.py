@@ -52,13 +52,15 @@ def test_per_class_accuracy_and_confusion():
     assert metrics.confusion_matrix(scores, labels).tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 0]]
 
 
-def write_scores(path, videos: dict[str, tuple[int, list[float]]], modality: str, classes=("a", "b"), split="val"):
-    """A score.py-format file with one frame per video."""
+def write_scores(path, videos: dict[str, tuple[int, list[float]]], modality: str, classes=("a", "b"), split="val",
+                 plan=None):
+    """A score.py-format file with one frame per video, scored on `split` (of plan `plan`, default one per split)."""
     keys = sorted(videos)
     np.savez(path, keys=np.array([f"{v}/000000" for v in keys]), videos=np.array(keys), frames=np.zeros(len(keys), int),
              labels=np.array([videos[v][0] for v in keys]), scores=np.array([videos[v][1] for v in keys], np.float32),
              logits=np.log(np.array([videos[v][1] for v in keys], np.float32)), classes=np.array(classes),
-             meta=np.array(json.dumps({"modality": modality, "split": split})))
+             meta=np.array(json.dumps({"modality": modality, "split": split, "checkpoint": f"{modality}.pt",
+                                       "scored": {"data": "data", "split": split, "plan": plan or f"plan-{split}"}})))
     return path
 
 
@@ -99,6 +101,18 @@ def test_videos_missing_from_a_stream_are_counted_and_fused_from_what_is_there(t
     report = run_fuse(rgb, flow, "--out", tmp_path)
     assert report["videos_missing_per_stream"] == {"RGB": 0, "Flow": 1}
     assert report["rows"]["RGB+FLOW"]["videos"] == 2 and report["rows"]["RGB+FLOW"]["video_top1"] == 1.0
+    note = "Flow lacks 1 video(s) that another stream has; fused from what is there"
+    assert note in report["notes"] and f"note: {note}" in (tmp_path / "results.md").read_text()
+    assert note in json.loads((tmp_path / "results.json").read_text())["notes"]
+
+
+def test_streams_of_one_modality_and_one_file_name_get_their_own_rows(tmp_path):
+    for folder, score in (("a", [0.8, 0.2]), ("b", [0.3, 0.7])):
+        (tmp_path / folder).mkdir()
+        write_scores(tmp_path / folder / "rgb.npz", {"v1": (0, score)}, "rgb")
+    rows = run_fuse(tmp_path / "a" / "rgb.npz", tmp_path / "b" / "rgb.npz", "--out", tmp_path / "o")["rows"]
+    assert list(rows) == [f"RGB ({tmp_path / 'a' / 'rgb.npz'})", f"RGB ({tmp_path / 'b' / 'rgb.npz'})", "RGB+RGB"]
+    assert [r["video_top1"] for r in rows.values()] == [1.0, 0.0, 1.0]
 
 
 def test_mismatched_classes_are_an_error(tmp_path):
