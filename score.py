@@ -15,11 +15,8 @@ come from: the checkpoint's SHA-256, its training split's identity, the scored s
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +30,8 @@ from loaders.common import flip_batch, open_stream
 from outputs import check_outputs, replaced_note
 from pack.files import atomic_write_json
 from pack.manifest import load_manifest, params_differ, split_identity
+from training.checkpoints import read_checkpoint
 
-CHECKPOINT_KEYS = ("args", "model", "classes", "iteration")  # what scoring reads of a train.py checkpoint
 
 VERIFY_HINT = "find every problem with python -m pack.verify {data} --split {split}; re-pack or re-copy those shards"
 
@@ -85,18 +82,7 @@ def load_model(path: Path, device: torch.device, modality: str | None = None) ->
     refused if its weights are not finite (or not `modality`)."""
     if not path.is_file():
         raise SystemExit(f"error: checkpoint {path} not found")
-    data = path.read_bytes()  # hashed as loaded: a training run may replace latest.pt meanwhile
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        said = str(e).strip().split(". ")[0] or "damaged"  # torch's first sentence (its advice is not for this case)
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {said}); give a train.py "
-                         f"checkpoint (best.pt, latest.pt)") from None
-    lacking = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
-    if lacking:
-        raise SystemExit(f"error: {path} is not a train.py checkpoint (it lacks {', '.join(lacking)}: a plain "
-                         f"state_dict?); give the best.pt or latest.pt train.py wrote")
-    ckpt["file_sha256"] = hashlib.sha256(data).hexdigest()
+    ckpt = read_checkpoint(path, f"--{modality}" if modality else "--checkpoint")
     a = ckpt["args"]
     if modality and a["modality"] != modality:
         raise SystemExit(f"error: {path} is a {a['modality']} stream, given as the {modality} one")

@@ -1,6 +1,8 @@
 """Checkpoint files: written whole (then renamed), loaded safely, kept or rotated; a save-dir holds one run."""
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
 import shutil
@@ -14,23 +16,30 @@ CHECKPOINT_KEYS = ("model", "args", "classes", "iteration")  # what every train.
 
 
 def read_checkpoint(path: Path, flag: str) -> dict:
-    """A train.py checkpoint, loaded safely (weights_only), or one line saying what the file is instead."""
+    """A train.py checkpoint, loaded safely (weights_only), or one line saying what the file is instead.
+
+    It holds the SHA-256 of the bytes loaded as "file_sha256" (what artifacts made from it
+    record): hashed as read, since a training run may replace latest.pt meanwhile.
+    """
+    data = Path(path).read_bytes()
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: this is something else
+        if not zipfile.is_zipfile(io.BytesIO(data)):  # torch.save writes a zip archive: this is something else
             raise SystemExit(f"error: {flag} {path} is not a torch checkpoint file (random bytes, another kind of "
-                             f"file, or a legacy pickle): give a train.py checkpoint") from None
+                             f"file, or a legacy pickle): give a train.py checkpoint (best.pt, latest.pt)") from None
         raise SystemExit(f"error: {flag} {path} holds Python objects beyond tensors (a pickle, not a train.py "
                          f"checkpoint): it is not loaded, as it could run code ({str(e).splitlines()[0][:120]})") from None
     except Exception as e:  # cut short, damaged, not a torch file at all
-        raise SystemExit(f"error: {flag} {path} does not load ({type(e).__name__}: {str(e)[:160]}): cut short or "
+        said = str(e).strip().split(". ")[0][:160] or "damaged"  # torch's first sentence (its advice is not for this)
+        raise SystemExit(f"error: {flag} {path} does not load ({type(e).__name__}: {said}): cut short or "
                          f"damaged? copy it again, or take another checkpoint of its run") from None
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
         plain = isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
         what = "a plain state_dict (weights without the run's arguments and classes)" if plain else "not one"
-        raise SystemExit(f"error: {flag} {path} is not a train.py checkpoint ({what}); ImageNet weights of a "
-                         f"torchvision .pth file go to --pretrained")
+        raise SystemExit(f"error: {flag} {path} is not a train.py checkpoint ({what}); give the best.pt or latest.pt "
+                         f"train.py wrote (ImageNet weights of a torchvision .pth file go to train.py --pretrained)")
+    ckpt["file_sha256"] = hashlib.sha256(data).hexdigest()
     return ckpt
 
 

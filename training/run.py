@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import nets
-from pack.files import file_sha256
 from pack.manifest import load_manifest, params_differ, split_identity
 
 from .checkpoints import load_checkpoint, read_checkpoint
@@ -122,7 +121,7 @@ def build_model(args, classes: list[str], flow_len: int, resumed: dict | None, i
     log(f"initialised from {args.init} (iteration {init['iteration']}, {len(init['classes'])} classes): "
         + (f"all weights, the classifier kept (the same {len(classes)} classes)" if kept else
            f"the backbone; the classifier made anew for the {len(classes)} classes here"))
-    return model, {"checkpoint": str(args.init), "sha256": file_sha256(args.init), "iteration": init["iteration"],
+    return model, {"checkpoint": str(args.init), "sha256": init["file_sha256"], "iteration": init["iteration"],
                    "classes": len(init["classes"]), "classifier": "kept" if kept else "new", "data": init.get("data"),
                    "no_flip": bool(init["args"].get("no_flip")), "other_params": args.allow_other_params,
                    "from": init.get("init")}
