@@ -31,7 +31,7 @@ from loaders.common import check_fills_a_batch, open_stream
 from pack.files import Lock, check_output_dir, json_text
 from training.checkpoints import checkpoints, claim_save_dir, remove_stale_temporaries, save_checkpoint
 from training.logs import Logger, Window, plot_curves
-from training.run import Run, plain_args
+from training.run import Run, plain_args, random_state
 from training.step import TrainStep, graph_decision, set_bn_eval
 
 # fp16: a loss scale below this means even the unscaled gradients overflow: the run has diverged.
@@ -172,23 +172,33 @@ def build_loaders(args, run: Run, stream, rank: int, world: int, device: torch.d
         return synthetic_batches(args, stream.channels, len(run.classes), device), None, None
     common = dict(crop=args.input_size, backend=args.backend, device=device, flow_len=stream.flow_len, rank=rank,
                   world_size=world, workers=args.workers, fp16=dtype == torch.float16, channels_last=args.channels_last)
-    # Seeded by the start iteration: a resumed run draws fresh, reproducible batches.
-    train_loader = loaders.build(args.data, args.train_split, args.modality, True, args.batch_size,
-                                 scale_jitter=tuple(args.scale_jitter) if args.scale_jitter else None,
-                                 flip=not args.no_flip, seed=args.seed + run.start, **common)
+    # The data order is planned from the seed (loaders.plan): a resumed run goes on from its position.
+    position = run.mine["loader"] if run.mine else None
+    try:
+        train_loader = loaders.build(args.data, args.train_split, args.modality, True, args.batch_size,
+                                     scale_jitter=tuple(args.scale_jitter) if args.scale_jitter else None,
+                                     flip=not args.no_flip, seed=args.seed, position=position, **common)
+    except ValueError as e:
+        if position is None:
+            raise
+        raise SystemExit(f"error: --resume: {e}; give the run's --seed and --batch-size (see its train.log), or "
+                         f"start a new run with --init") from None
     val_loader = (loaders.build(args.data, args.val_split, args.modality, False, args.batch_size, **common)
                   if args.val_split else None)
     return forever(train_loader), train_loader, val_loader
 
 
 def forever(loader):
-    """Batches across epochs, without end; an epoch without a batch (all its data bad) is an error."""
+    """Batches across epochs, without end; an epoch without a batch (all its data bad) is an error.
+
+    A resumed run may start at an epoch's last samples: that rest of an epoch may give none.
+    """
     while True:
-        batches = 0
+        batches, whole = 0, loader.position()["served"] == 0
         for batch in loader:
             batches += 1
             yield batch
-        if not batches:
+        if not batches and whole:
             raise SystemExit("error: a training epoch yielded no batch (every sample skipped as bad?); "
                              "see the warnings above")
 
@@ -247,28 +257,39 @@ def diverged(args, iteration: int, why: str, at: int) -> SystemExit:
                       f"{last}. Lower the learning rate (--lr {args.lr:g} now), or check the data")
 
 
-def save(args, run: Run, done: int, best: bool) -> None:
-    """A checkpoint of iteration `done`, unless its weights are not finite (then the run stops)."""
+def save(args, run: Run, done: int, best: bool, train_loader, window: Window, world: int, main_rank: bool) -> None:
+    """A checkpoint of iteration `done`, unless its weights are not finite (then the run stops). Every rank calls it.
+
+    It holds each rank's loader position, random state and the losses since the last log
+    line: a resumed run draws the batches and logs the losses an unstopped one would.
+    """
     bad = nets.non_finite_tensors(run.model.state_dict())
     if bad:
         raise diverged(args, done, f"the weights hold non-finite values ({', '.join(bad[:3])})", done)
-    save_checkpoint(run.state(done), args.save_dir, args.keep, best=best)
+    mine = {"loader": train_loader.position() if train_loader is not None else None, "rng": random_state(),
+            "unlogged": window.unlogged()}
+    ranks = [mine]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
+    if main_rank:
+        save_checkpoint(run.state(done, ranks), args.save_dir, args.keep, best=best)
 
 
-def stop_here(args, run: Run, done: int, logger: Logger, best: bool) -> None:
+def stop_here(args, run: Run, done: int, logger: Logger, best: bool, train_loader, window: Window,
+              world: int) -> None:
     """SIGTERM: a checkpoint of the last step finished, then exit 143 (128 + SIGTERM)."""
-    if logger.on:
-        save(args, run, done, best)
+    save(args, run, done, best, train_loader, window, world, logger.on)
     logger.line(f"stopped by SIGTERM after iteration {done}, checkpoint written: run the same command with "
                 f"--resume to continue")
     raise SystemExit(128 + signal.SIGTERM)
 
 
-def train(args, run: Run, step, batches, val_loader, logger: Logger, stop: StopRequest, world: int,
+def train(args, run: Run, step, batches, train_loader, val_loader, logger: Logger, stop: StopRequest, world: int,
           device: torch.device, dtype) -> dict:
     """The loop: a batch, a step; a log line, validation and a checkpoint every so many iterations."""
     main_rank = logger.on
-    window = Window(args.log_every, device, run.start)
+    window = Window(args.log_every, device, run.start, run.mine["unlogged"] if run.mine else [])
     totals = {"wait": 0.0, "wall": 0.0, "images": 0}  # the first window (warm-up) is left out
     scale = run.scaler.get_scale() if run.scaler.is_enabled() else None  # fp16: a skipped step lowers it
     skipped_steps = 0
@@ -279,7 +300,7 @@ def train(args, run: Run, step, batches, val_loader, logger: Logger, stop: StopR
         except RuntimeError:  # SIGTERM sent to the whole process group stopped the loader's workers too
             if not stop.requested:
                 raise
-            stop_here(args, run, iteration, logger, val_loader is None)
+            stop_here(args, run, iteration, logger, val_loader is None, train_loader, window, world)
         t1 = time.perf_counter()
         window.add(step(images, labels), images.shape[0] * world, t1 - t0)
         run.scheduler.step()
@@ -323,9 +344,9 @@ def train(args, run: Run, step, batches, val_loader, logger: Logger, stop: StopR
             logger.val(done, metrics, is_best)
             window.started = time.perf_counter()  # validation time is not training time
         if stopping:
-            stop_here(args, run, done, logger, is_best or val_loader is None)
-        if main_rank and (checkpoint or is_best):
-            save(args, run, done, is_best or val_loader is None)
+            stop_here(args, run, done, logger, is_best or val_loader is None, train_loader, window, world)
+        if checkpoint or is_best:
+            save(args, run, done, is_best or val_loader is None, train_loader, window, world, main_rank)
     return {"iterations": args.max_iterations, "best_val_top1": run.best,
             "images_per_s": totals["images"] / max(totals["wall"], 1e-9),
             "data_wait": totals["wait"] / max(totals["wall"], 1e-9), "fp16_skipped_steps": skipped_steps}
@@ -374,7 +395,7 @@ def main(args: argparse.Namespace) -> dict:
             remove_stale_temporaries(args.save_dir, logger.line)
         stream = open_stream(args.data, args.train_split, args.modality, args.flow_len)
         dtype = amp_dtype(args, device)
-        run = Run(args, classes, stream.flow_len, rank, device, dtype, logger.line)
+        run = Run(args, classes, stream.flow_len, rank, world, device, dtype, logger.line)
         graphed, graph_note = graph_decision(args, device, dtype, world)
         model = run.model
         if world > 1:
@@ -394,7 +415,7 @@ def main(args: argparse.Namespace) -> dict:
         with StopRequest().installed() as stop:
             step = TrainStep(model, run.optimizer, run.scaler, dtype, graphed, strict=args.cuda_graph == "on",
                              log=logger.line)
-            summary = train(args, run, step, batches, val_loader, logger, stop, world, device, dtype)
+            summary = train(args, run, step, batches, train_loader, val_loader, logger, stop, world, device, dtype)
         summary["skipped_samples"] = getattr(train_loader, "skipped", 0)
         if rank == 0:
             plot_curves(run.history, args.save_dir / "curves.png")

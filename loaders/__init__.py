@@ -13,13 +13,20 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
           resize_ratio: float = RESIZE_RATIO, scale_jitter: tuple[float, float] | None = None, flip: bool = True,
           rank: int = 0,
           world_size: int = 1, workers: int = 4, shuffle_buffer: int = 4096, seed: int = 0, fp16: bool = False,
-          channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5), raw: bool = False):
-    """A loader yielding (images, labels, keys) on `device`; keys (sample ids) in eval mode only.
+          channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5), raw: bool = False,
+          position: dict | None = None):
+    """A loader yielding (images, labels, keys) on `device`, keys being the samples' ids.
 
     backend: "dali" (nvJPEG on the GPU, or DALI's CPU mode when device is the CPU), "cpu"
     (DataLoader workers), or "auto" (DALI on a GPU, the CPU loader otherwise).
     crop_pos: where eval crops sit, relative (0..1, 0..1); (0.5, 0.5) is the centre crop.
     flip: training mirrors half the samples (not with False: classes where left and right differ).
+    Which samples come in which order, and each one's crop, scale and flip, are planned
+    (loaders.plan) from seed, the epoch, rank and world_size alone, so both backends give
+    the same samples for any worker count. In training, `loader.position()` says where it is
+    (what a checkpoint keeps) and a loader made with `position` goes on from there, as if it
+    had never stopped (ValueError if seed, world size, batch size, shuffle buffer or the
+    data's size differ from the position's). shuffle_buffer: samples shuffled together.
     raw: (cpu backend) uint8 batches (N x images per sample x S x S x 3) as they leave the
     workers, for benchmarks and custom pipelines: not normalised, and in training (without
     scale jitter) not resized, S is then the crop's window side (loaders.cpu.ShardSamples);
@@ -40,7 +47,7 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
         backend = "dali" if device.type == "cuda" else "cpu"
     common = dict(stream=stream, train=train, batch_size=batch_size, crop=crop, resize_ratio=resize_ratio,
                   scale_jitter=scale_jitter, flip=flip, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
-                  seed=seed, fp16=fp16, channels_last=channels_last, crop_pos=crop_pos)
+                  seed=seed, fp16=fp16, channels_last=channels_last, crop_pos=crop_pos, position=position)
     if backend == "dali":
         if raw:
             raise ValueError("raw batches come from the cpu backend only")

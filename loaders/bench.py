@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import loaders
 from loaders.common import add_loss, open_stream
-from loaders.cpu import ShardError, read_shard
+from loaders.plan import Lost, ShardReader
 
 
 def baseline_inputs(stream, folder: Path) -> tuple[list[list[Path]], list[bytes], list]:
@@ -35,29 +35,26 @@ def baseline_inputs(stream, folder: Path) -> tuple[list[list[Path]], list[bytes]
     """
     done = folder / ".complete"
     files, jpegs, checked, losses = [], [], {}, {}
-    for tar, index, count in zip(stream.tars, stream.indexes, stream.shard_samples):
-        samples = read_shard(tar, index)
-        while True:
-            try:
-                sample = next(samples)
-            except StopIteration:
-                break
-            except ShardError as e:
-                add_loss(losses, tar, e.key or f"#{e.first}", count - e.first, str(e))
-                break
-            paths = [folder / f"{sample['__key__']}.{ext}" for ext in stream.exts]
-            if paths[0] not in checked:
-                checked[paths[0]] = _decodes(sample, stream.exts)
-                if checked[paths[0]] and not done.exists():
-                    for path, ext in zip(paths, stream.exts):
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        path.write_bytes(sample[ext])
-            if not checked[paths[0]]:
-                add_loss(losses, tar, sample["__key__"], 1, "an image is missing or does not decode")
-                continue
-            files.append(paths)
-            if len(jpegs) < 2000:
-                jpegs += [sample[ext] for ext in stream.exts]
+    reader = ShardReader(stream)
+    for sample_id in range(stream.samples):
+        try:
+            sample = reader.read(sample_id)
+        except Lost as e:
+            add_loss(losses, stream.tars[reader.locate(sample_id)[0]], e.key, 1, str(e))
+            continue
+        paths = [folder / f"{sample['__key__']}.{ext}" for ext in stream.exts]
+        if paths[0] not in checked:
+            checked[paths[0]] = _decodes(sample, stream.exts)
+            if checked[paths[0]] and not done.exists():
+                for path, ext in zip(paths, stream.exts):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(sample[ext])
+        if not checked[paths[0]]:
+            add_loss(losses, sample["__url__"], sample["__key__"], 1, "an image is missing or does not decode")
+            continue
+        files.append(paths)
+        if len(jpegs) < 2000:
+            jpegs += [sample[ext] for ext in stream.exts]
     done.touch()
     return files, jpegs, list(losses.values())
 

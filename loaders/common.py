@@ -120,6 +120,12 @@ def add_loss(losses: dict[str, Loss], shard: str, key: str, samples: int, reason
         losses[shard] = Loss(shard, key, samples, reason)
 
 
+def merge_losses(into: dict[str, Loss], losses: list[Loss]) -> None:
+    """Add Loss records (of one part of an epoch each) into one record a shard (the first one's key)."""
+    for loss in losses:
+        add_loss(into, loss.shard, loss.first_key, loss.samples, loss.reason)
+
+
 def warn_losses(losses: list[Loss], stream: Stream, total: int) -> None:
     """One warning for an epoch's losses, naming the shards (the first few) and what to run."""
     if not losses:
@@ -134,14 +140,6 @@ def warn_losses(losses: list[Loss], stream: Stream, total: int) -> None:
 def parse_label(raw: bytes, stream: Stream) -> int:
     """A sample's `cls` bytes -> its label, checked against the stream's classes (pack.shards.parse_label)."""
     return parse_label_bytes(raw, len(stream.classes), stream.labelled)
-
-
-def pool(parts: list[tuple[torch.Tensor, torch.Tensor]], size: int):
-    """One full batch out of partial ones: (images, labels, what is left over)."""
-    images = torch.cat([x for x, _ in parts])
-    labels = torch.cat([y for _, y in parts])
-    rest = [(images[size:], labels[size:])] if len(labels) > size else []
-    return images[:size], labels[:size], rest
 
 
 def normalise(images: torch.Tensor, stream: Stream, dtype: torch.dtype, channels_last: bool,

@@ -24,10 +24,8 @@ from __future__ import annotations
 import faulthandler
 import functools
 import math
-import mmap
 import multiprocessing as mp
 import os
-import random
 import re
 import signal
 import sys
@@ -39,12 +37,12 @@ import cv2
 import numpy as np
 import simplejpeg
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from pack.shards import index_entries, key_of, read_index, whole_samples
-from pack.workers import opencv_threads_stopped
+from pack.workers import die_with_parent, opencv_threads_stopped
 
-from .common import Loss, Stream, add_loss, normalise, normalised_shape, parse_label, pool, warn_losses
+from .common import Loss, Stream, add_loss, merge_losses, normalise, normalised_shape, parse_label, warn_losses
+from .plan import Lost, Planner, ShardReader, draws
 
 try:
     from ._jpeg_region import decode_region
@@ -87,44 +85,6 @@ def decode_box(jpeg: bytes, scaled: tuple[int, int, int], box) -> np.ndarray:
 
 
 _region_buffer = np.empty(0, np.uint8)
-
-
-class ShardError(Exception):
-    """The rest of a shard cannot be read, from its sample `first` on (key: that sample's, if the index names it)."""
-
-    def __init__(self, first: int, key: str | None, reason: str):
-        super().__init__(reason)
-        self.first, self.key = first, key
-
-
-def read_shard(tar: str, index: str, every: int = 1, offset: int = 0):
-    """Yield the samples of one shard as {ext: bytes, "__key__", "__url__"}, located by its index.
-
-    Keeps sample i only where i % every == offset (skipped samples are never read). Samples
-    whose bytes lie past the end of the file (a truncated shard) are not read: after the
-    whole ones, ShardError says from which sample on the shard is lost, as it does for an
-    index or a file that cannot be read at all.
-    """
-    try:
-        lines = read_index(index)
-        with open(tar, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    except (OSError, ValueError) as e:
-        raise ShardError(0, None, f"unreadable: {e}") from None
-    whole, lost_key, problem = whole_samples(lines, size)
-    try:
-        for i in range(offset, whole, every):
-            entries = index_entries(lines[i])
-            sample = {"__url__": tar, "__key__": key_of(entries[0][3])}
-            for ext, start, length, _ in entries:
-                sample[ext] = data[start:start + length]
-            yield sample
-    finally:
-        if isinstance(data, mmap.mmap):
-            data.close()
-    if problem:
-        raise ShardError(whole, lost_key, problem)
 
 
 def crop_window(height: int, width: int, short: float, crop: int, pos: tuple[float, float]):
@@ -209,76 +169,80 @@ class SharedBatches:
         return batch, slot
 
 
-class ShardSamples(IterableDataset):
-    """Batches of decoded, augmented samples of this rank's and worker's part of a stream.
+class ShardSamples(Dataset):
+    """Batches of decoded, augmented samples, one a task: a slice of the epoch's plan (loaders.plan) to execute.
 
     Each worker writes its samples straight into a batch in shared memory (no stacking, no
     copy on the way to the main process); normalise_as: normalise there too (CPU training).
     tags: where workers and consumer share which reused batches are held (training: the
     batches that leave a worker, uint8 or normalised, are reused).
-    Yields (images, labels, keys, tag index or -1 for a batch that is not reused); a worker's
-    last batch of an epoch is partial (in training, CpuLoader pools these remainders). What it
-    could not read or decode comes in between, as Loss records (one a shard, in samples).
+    A task (turn, epoch, first, sample ids) gives (images or None, labels, keys, tag index or
+    -1 for a batch that is not reused, Loss records, each row's place in the plan): what could
+    not be read or decoded is left out and counted (one Loss a shard, in samples), so the
+    batch may be short; CpuLoader pools short ones in order and knows where it is.
     where: shared bytes, WHERE_BYTES a worker, naming the shard and sample each worker is on
     (CpuLoader's report when a worker dies).
 
     The images are crop x crop, except in training batches for the device (uint8, no scale
-    jitter): there they are the crops' windows, S x S source pixels, the device resizes. S
-    is a worker's first window side; windows of another size (frames of another size)
-    are resized to S here. With scale jitter every window differs: resized here to the crop.
+    jitter): there they are the crops' windows, side x side source pixels, the device resizes
+    (CpuLoader takes the side from the stream's first sample); windows of another size
+    (frames of another size) are resized to it here. With scale jitter every window differs:
+    resized here to the crop.
     """
 
     def __init__(self, stream: Stream, train: bool, crop: int, resize_ratio: float, scale_jitter, flip: bool,
-                 rank: int, world_size: int, shuffle_buffer: int, seed: int, crop_pos: tuple[float, float],
-                 batch_size: int, normalise_as: tuple | None, tags, where):
+                 seed: int, crop_pos: tuple[float, float], batch_size: int, side: int, normalise_as: tuple | None,
+                 tags, where):
         self.stream, self.train, self.crop, self.resize_ratio = stream, train, crop, resize_ratio
-        self.scale_jitter, self.flip, self.rank, self.world_size = scale_jitter, flip, rank, world_size
-        self.shuffle_buffer, self.seed, self.crop_pos = shuffle_buffer, seed, crop_pos
-        self.batch_size, self.normalise_as, self.tags, self.where = batch_size, normalise_as, tags, where
-        self.epoch = 0
-        self._losses: dict[str, Loss] = {}  # what this worker lost since it last said so, by shard
-        self.side = None  # the side of the images this worker writes (see above)
+        self.scale_jitter, self.flip, self.seed, self.crop_pos = scale_jitter, flip, seed, crop_pos
+        self.batch_size, self.side, self.normalise_as, self.tags, self.where = batch_size, side, normalise_as, tags, where
+        self._reader = None  # this process's ShardReader (made where it is used: mapped files stay in their process)
         self._ring = None  # this worker's SharedBatches (training: the batches that leave the worker)
         self._staging = None  # this worker's uint8 batch to normalise from (normalised batches leave)
 
-    def _lost(self):
-        """The Loss records gathered since the last call (they travel to the main process between batches)."""
-        losses, self._losses = list(self._losses.values()), {}
-        return losses
-
-    def _parts(self):
-        """Which shards to read and which of their samples to keep, for this rank and worker.
-
-        With enough shards, each reader gets whole shards; with fewer shards than readers,
-        every reader reads all shards and keeps every n-th sample (still disjoint).
-        """
+    def __getitem__(self, task):
+        turn, epoch, first, ids = task
         info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        readers, me = self.world_size * workers, self.rank * workers + worker
-        shards = list(zip(self.stream.tars, self.stream.indexes, self.stream.shard_samples))
-        if self.train:
-            random.Random(self.seed + self.epoch).shuffle(shards)  # same order on every rank
-        if len(shards) >= readers:
-            return shards[me::readers], 1, 0
-        return shards, readers, me
+        if self._reader is None:
+            self._reader = ShardReader(self.stream)
+        images, slot = self._new_batch(info, turn)
+        rows = images.numpy()
+        labels, keys, places, losses = [], [], [], {}
+        for place, sample_id in enumerate(ids.tolist(), first):
+            try:
+                sample = self._reader.read(sample_id)
+            except Lost as e:
+                add_loss(losses, self.stream.tars[self._reader.locate(sample_id)[0]], e.key, 1, str(e))
+                continue
+            if info is not None:
+                _say_where(self.where, info.id, f"{sample['__url__']} sample {sample['__key__']}")
+            augmentation = draws(self.seed, epoch, sample_id, self.scale_jitter, self.flip) if self.train else None
+            try:  # a bad sample leaves its row half-written: the next one overwrites it
+                label = self._augment(sample, augmentation, rows[len(labels)])
+            except Exception as e:  # a corrupt JPEG, a missing component, a bad label
+                reason = f"missing its {e.args[0]}" if isinstance(e, KeyError) else str(e)
+                add_loss(losses, sample["__url__"], sample["__key__"], 1, reason)
+                continue
+            labels.append(label)
+            keys.append(sample["__key__"])
+            places.append(place)
+        if info is not None:
+            _say_where(self.where, info.id, "waiting for its next batch")
+        if not labels:  # nothing of this task could be read
+            if slot >= 0:
+                self.tags[slot] = 0
+            return None, None, keys, -1, list(losses.values()), places
+        images, slot = self._finish(images[:len(labels)], slot, info, turn)
+        return images, torch.tensor(labels, dtype=torch.long), keys, slot, list(losses.values()), places
 
-    def _side(self, sample: dict) -> int:
-        """The side of the images this worker writes: the crop, or the sample's window (see above)."""
-        if not self.train or self.scale_jitter or self.normalise_as is not None:
-            return self.crop
-        short = self.crop * self.resize_ratio
-        try:
-            scaled = scaled_size(sample[self.stream.exts[0]], math.ceil(short))
-        except (KeyError, ValueError):  # a bad sample (_augment reports it): no window to go by
-            return self.crop
-        return footprint(*scaled[1:], short, self.crop, (0.0, 0.0))[2]
+    def _augment(self, sample: dict, augmentation: tuple | None, out: np.ndarray) -> int:
+        """Decode and augment one sample into out (images x side x side x 3); its label.
 
-    def _augment(self, sample: dict, rng: random.Random, out: np.ndarray) -> int:
-        """Decode and augment one sample into out (images x side x side x 3); its label."""
+        augmentation: training's (scale, crop x, crop y, mirrored) (loaders.plan.draws); eval: None.
+        """
         stream, crop = self.stream, self.crop
-        short = crop * self.resize_ratio * (rng.uniform(*self.scale_jitter) if self.train and self.scale_jitter else 1.0)
-        pos = (rng.random(), rng.random()) if self.train else self.crop_pos
-        flip = self.train and rng.random() < 0.5 and self.flip
+        scale, x, y, flip = augmentation or (1.0, *self.crop_pos, False)
+        short, pos = crop * self.resize_ratio * scale, (x, y)
         for jpeg, image in zip((sample[ext] for ext in stream.exts), out):
             if self.train:
                 scaled = scaled_size(jpeg, math.ceil(short))
@@ -291,17 +255,7 @@ class ShardSamples(IterableDataset):
                 np.bitwise_xor(flat, _flow_x_mask(flat.size), out=flat)
         return parse_label(sample["cls"], stream)
 
-    def _samples(self, shards, every: int, offset: int):
-        for tar, index, count in shards:
-            if not count:  # a shard of no samples: valid, nothing to read
-                continue
-            try:
-                yield from read_shard(tar, index, every, offset)
-            except ShardError as e:  # the rest of it is lost: this reader's share of its samples from e.first on
-                lost = len(range(e.first + (offset - e.first) % every, count, every))
-                add_loss(self._losses, tar, e.key or f"#{e.first} of the shard", lost, str(e))
-
-    def _new_batch(self, info, epoch: int) -> tuple[torch.Tensor, int]:
+    def _new_batch(self, info, turn: int) -> tuple[torch.Tensor, int]:
         """Where the next batch's uint8 images go, and its tag index (-1: not a reused batch)."""
         shape = (self.batch_size, len(self.stream.exts), self.side, self.side, 3)
         if info is None:  # in the main process: nothing to share
@@ -310,102 +264,89 @@ class ShardSamples(IterableDataset):
             if self._staging is None:
                 self._staging = torch.empty(shape, dtype=torch.uint8)
             return self._staging, -1
-        return self._shared(shape, torch.uint8, info, epoch)
+        return self._shared(shape, torch.uint8, info, turn)
 
-    def _shared(self, shape: tuple[int, ...], dtype: torch.dtype, info, epoch: int) -> tuple[torch.Tensor, int]:
+    def _shared(self, shape: tuple[int, ...], dtype: torch.dtype, info, turn: int) -> tuple[torch.Tensor, int]:
         """A batch in shared memory, and its tag index: a reused one in training, a fresh one (-1) in eval."""
         if not self.train:
             return torch.empty(shape, dtype=dtype).share_memory_(), -1
         if self._ring is None:
             self._ring = SharedBatches(self.tags, info.id, shape, dtype)
-        return self._ring.take(epoch)
+        return self._ring.take(turn)
 
-    def _batch(self, images: torch.Tensor, labels: list[int], keys: list[str], slot: int, info, epoch: int):
-        if self.normalise_as is not None:
-            stream, dtype, channels_last = self.normalise_as
-            out = None
-            if info is not None:  # in a worker: into shared memory (saves a copy on send)
-                out, slot = self._shared(normalised_shape((self.batch_size, *images.shape[1:]), channels_last),
-                                         dtype, info, epoch)
-                out = out[:len(labels)]  # a remainder fills the start of a reused batch
-            images = normalise(images, stream, dtype, channels_last, out=out)
-        return images, torch.tensor(labels, dtype=torch.long), keys, slot
-
-    def __iter__(self):
-        shards, every, offset = self._parts()
-        info = get_worker_info()
-        epoch = self.epoch
-        rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{info.id if info else 0}")
-        self.epoch += 1
-        samples = self._samples(shards, every, offset)
-        if self.train and self.shuffle_buffer > 1:
-            samples = _shuffled(samples, self.shuffle_buffer, rng)
-        images, slot, labels, keys = None, -1, [], []
-        for sample in samples:
-            if info is not None:
-                _say_where(self.where, info.id, f"{sample['__url__']} sample {sample['__key__']}")
-            if images is None:
-                self.side = self.side or self._side(sample)
-                images, slot = self._new_batch(info, epoch)
-                rows = images.numpy()
-            try:  # a bad sample leaves its row half-written: the next one overwrites it
-                label = self._augment(sample, rng, rows[len(labels)])
-            except Exception as e:  # a corrupt JPEG, a missing component, a bad label
-                reason = f"missing its {e.args[0]}" if isinstance(e, KeyError) else str(e)
-                add_loss(self._losses, sample["__url__"], sample["__key__"], 1, reason)
-                continue
-            labels.append(label)
-            keys.append(sample["__key__"])
-            if len(labels) == self.batch_size:
-                yield from self._lost()
-                yield self._batch(images, labels, keys, slot, info, epoch)
-                images, labels, keys = None, [], []
-        yield from self._lost()
-        if labels:  # the remainder: kept in eval, pooled with other workers' in training
-            yield self._batch(images[:len(labels)], labels, keys, slot, info, epoch)
+    def _finish(self, images: torch.Tensor, slot: int, info, turn: int) -> tuple[torch.Tensor, int]:
+        """The batch as it leaves: normalised here if asked (in a worker, into shared memory: saves a copy on send)."""
+        if self.normalise_as is None:
+            return images, slot
+        stream, dtype, channels_last = self.normalise_as
+        out = None
         if info is not None:
-            _say_where(self.where, info.id, "done with its share of the epoch")
+            out, slot = self._shared(normalised_shape((self.batch_size, *images.shape[1:]), channels_last),
+                                     dtype, info, turn)
+            out = out[:len(images)]  # a short batch fills the start of a reused one
+        return normalise(images, stream, dtype, channels_last, out=out), slot
+
+
+def window_side(stream: Stream, crop: int, short: float) -> int:
+    """The side of training windows for the device: the first readable sample's (frames of one size share it)."""
+    reader = ShardReader(stream)
+    for sample_id in range(stream.samples):
+        try:
+            scaled = scaled_size(reader.read(sample_id)[stream.exts[0]], math.ceil(short))
+        except (Lost, KeyError, ValueError):  # a bad sample: no window to go by
+            continue
+        return footprint(*scaled[1:], short, crop, (0.0, 0.0))[2]
+    return crop
 
 
 class CpuLoader:
-    """Iterates (images NCHW normalised, labels int64, keys or None) on `device`.
+    """Iterates (images NCHW normalised, labels int64, keys) on `device`, executing the plan of each epoch.
 
-    In training every epoch yields all the full batches of this rank's samples, whatever the
-    worker count: the workers' remainders are pooled into full batches here.
+    The plan (loaders.plan) fixes which samples come in which batch, and each sample's
+    augmentation, whatever the worker count: workers only execute slices of it, and the
+    DataLoader hands their batches back in order. In training every epoch yields all the
+    full batches of this rank's samples: short batches (samples that could not be read) are
+    pooled in order. `position()` says where it is; a loader made with a position goes on
+    from there (resume), reading nothing of what it skips.
     Workers start from a fork of this process, or, once it holds a CUDA context (a model on
-    the GPU), from a clean forkserver process: a fork of a CUDA process is not safe.
-    A worker that dies is reported with its signal or exit code and the shard and sample it
-    was on (its Python traceback, if it crashed in native code, is on stderr above), from the
-    next batch asked for.
+    the GPU), from a clean forkserver process: a fork of a CUDA process is not safe. They die
+    with it (even by kill -9). A worker that dies is reported with its signal or exit code
+    and the shard and sample it was on (its Python traceback, if it crashed in native code,
+    is on stderr above), from the next batch asked for.
     """
 
     def __init__(self, stream: Stream, train: bool, batch_size: int, crop: int, resize_ratio: float = 1.1,
                  scale_jitter: tuple | None = None, flip: bool = True, device: str | torch.device = "cpu", rank: int = 0,
                  world_size: int = 1, num_workers: int = 2, shuffle_buffer: int = 4096, seed: int = 0,
                  fp16: bool = False, channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5),
-                 raw: bool = False):
+                 raw: bool = False, position: dict | None = None):
         self.stream, self.train, self.device, self.crop = stream, train, torch.device(device), crop
         self.dtype = torch.float16 if fp16 else torch.float32
         self.channels_last = channels_last
+        self.planner = Planner(stream, train, seed, rank, world_size, batch_size, shuffle_buffer)
+        if position is not None:
+            self.planner.load_state(position)
         context = mp.get_context("forkserver" if torch.cuda.is_initialized() else "fork")
-        self.losses: list[Loss] = []  # every sample lost so far, by shard and epoch (workers send them in-band)
+        self.losses: list[Loss] = []  # every sample lost so far, by shard and epoch (workers send them with batches)
         self._tags = context.RawArray("q", max(num_workers, 1) * SLOTS)  # see SharedBatches
         self._where = context.RawArray("c", max(num_workers, 1) * WHERE_BYTES)  # see ShardSamples
-        self._epoch = 0
+        self._turn = 0  # passes over the loader so far (SharedBatches tells them apart)
         # On a GPU, uint8 batches cross the bus and the GPU resizes and normalises them; without
         # one, the workers do it in parallel rather than the main process alone.
         # raw: uint8 batches as the workers make them (N x L x S x S x 3), with no device step at all.
         self.on_cpu, self.raw = self.device.type == "cpu", raw
         in_workers = self.on_cpu and not raw
-        self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, flip, rank, world_size,
-                                    shuffle_buffer, seed, crop_pos, batch_size,
+        windows = train and not scale_jitter and not in_workers
+        self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, flip, seed, crop_pos, batch_size,
+                                    window_side(stream, crop, crop * resize_ratio) if windows else crop,
                                     normalise_as=(stream, self.dtype, channels_last) if in_workers else None,
                                     tags=self._tags, where=self._where)
-        self.samples = stream.samples // world_size
         self.batch_size = batch_size
-        self.loader = DataLoader(  # batch_size=None: the workers make the batches
-            self.dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_init_worker,
-            pin_memory=self.device.type == "cuda", persistent_workers=train and num_workers > 0,
+        self._tasks = Tasks()  # this pass's slices of the plan, for the DataLoader to hand out
+        self.loader = DataLoader(  # batch_size=None: a task is a batch, made by the worker
+            self.dataset, batch_size=None, sampler=self._tasks, num_workers=num_workers, collate_fn=_as_is,
+            worker_init_fn=_init_worker, pin_memory=self.device.type == "cuda",
+            persistent_workers=train and num_workers > 0, generator=torch.Generator(),  # not the run's random state
             multiprocessing_context=context if num_workers > 0 else None, prefetch_factor=2 if num_workers else None)
         self._watching = False  # SIGCHLD reports a dead worker's whereabouts (_watch_workers)
         self._dead = None  # that report, for the next batch asked for
@@ -417,46 +358,57 @@ class CpuLoader:
         return sum(loss.samples for loss in self.losses)
 
     def __len__(self) -> int:
-        n = self.samples / self.batch_size
-        return int(n) if self.train else math.ceil(n)
+        return self.planner.batches()
+
+    def position(self) -> dict:
+        """Where training is: the epoch and how many of its plan's samples the batches so far hold (loaders.plan)."""
+        return self.planner.state()
 
     def __iter__(self):
         """Batches of this epoch. A training batch on the CPU (and a raw one) is valid until the next is asked for."""
-        losses_before = len(self.losses)
-        self.dataset.epoch = self._epoch  # workers started now begin here; persistent ones count along
-        tag = self._epoch + 1  # what SharedBatches.take tags this epoch's batches with
-        self._epoch += 1
+        epoch_losses: dict[str, Loss] = {}  # this pass's, one record a shard
+        turn, epoch, size = self._turn, self.planner.epoch, self.batch_size
+        tag = turn + 1  # what SharedBatches.take tags this pass's batches with
+        self._turn += 1
+        plan = self.planner.plan(epoch)
+        self._tasks.tasks = [(turn, epoch, first, plan[first:first + size])
+                             for first in range(self.planner.served, len(plan), size)]
         held = -1  # the reused batch the consumer has
-        remainders = []  # training: the workers' partial last batches, pooled into full ones
+        carry = []  # training: rows of short batches, and every batch after them, pooled in order into full ones
         with opencv_threads_stopped():  # the workers start (fork) here
             batches = self._batches = iter(self.loader)  # its workers: see _death_report
         self._watch_workers()
         try:
             while (item := self._next(batches)) is not None:
-                if isinstance(item, Loss):
-                    self.losses.append(item)
-                    continue
-                images, labels, keys, slot = item
+                images, labels, keys, slot, losses, places = item
+                merge_losses(epoch_losses, losses)
                 self._free(held, tag)  # the consumer asks for the next batch: it is done with the last
                 held = -1
-                if self.train and len(labels) < self.batch_size:
-                    remainders.append((images.clone(), labels))  # copied: its reused batch is free again
+                if images is None:
+                    continue
+                if self.train and (carry or len(labels) < size):
+                    carry.append((images.clone(), labels, keys, places))  # copied: its reused batch is free again
                     self._free(slot, tag)
-                    if sum(len(y) for _, y in remainders) < self.batch_size:
+                    if sum(len(part[1]) for part in carry) < size:
                         continue
-                    images, labels, remainders = pool(remainders, self.batch_size)
+                    images, labels, keys, places, carry = _pool(carry, size)
                 elif not self.loader.pin_memory:  # with pin memory, the pinning thread copied it: free already
                     held = slot
                 else:
                     self._free(slot, tag)
+                if self.train:
+                    self.planner.served = places[-1] + 1
                 images = images.to(self.device, non_blocking=True)
                 if not (self.on_cpu or self.raw):  # uint8 crossed the bus; the device normalises
                     images = normalise(images, self.stream, self.dtype, self.channels_last, size=self.crop)
-                yield images, labels.to(self.device, non_blocking=True), None if self.train else keys
+                yield images, labels.to(self.device, non_blocking=True), keys
+            if self.train:  # what is left does not fill a batch: the next epoch begins
+                self.planner.epoch, self.planner.served = epoch + 1, 0
         finally:
             self._free(held, tag)
             self._batches = None  # no epoch under way: a worker's end is not this loader's to report
-        warn_losses(self.losses[losses_before:], self.stream, self.skipped)
+            self.losses += epoch_losses.values()
+        warn_losses(list(epoch_losses.values()), self.stream, self.skipped)
 
     def _free(self, slot: int, tag: int) -> None:
         if slot >= 0 and self._tags[slot] == tag:  # not if a later epoch reuses it already
@@ -521,6 +473,31 @@ class CpuLoader:
         return "\n".join(lines + [f"({error})"]) if lines else str(error)
 
 
+class Tasks(Sampler):
+    """The DataLoader's "indices": the tasks of the pass under way (CpuLoader sets them before each pass)."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+def _as_is(batch):
+    return batch  # a worker's batch is made whole: nothing to collate
+
+
+def _pool(parts: list[tuple], size: int) -> tuple:
+    """One full batch out of parts (images, labels, keys, places), in order: its four, and the parts left over."""
+    images, labels = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+    keys, places = [k for part in parts for k in part[2]], [p for part in parts for p in part[3]]
+    rest = [(images[size:], labels[size:], keys[size:], places[size:])] if len(labels) > size else []
+    return images[:size], labels[:size], keys[:size], places[:size], rest
+
+
 WHERE_BYTES = 512  # per worker: "shard sample key", for the report when a worker dies
 
 
@@ -532,20 +509,6 @@ def _say_where(where, worker: int, what: str) -> None:
     view[start + len(data)] = 0
 
 
-def _shuffled(items, size: int, rng: random.Random):
-    """Shuffle a stream through a buffer of `size` items (shards alone are read in order)."""
-    buffer = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 @functools.cache
 def _flow_x_mask(size: int) -> np.ndarray:
     """255 on every x value of an H x W x 3 flow image (flattened), 0 elsewhere."""
@@ -553,6 +516,7 @@ def _flow_x_mask(size: int) -> np.ndarray:
 
 
 def _init_worker(_: int) -> None:
+    die_with_parent()  # a worker never outlives the run (kill -9 of it included)
     cv2.setNumThreads(1)  # the workers are the parallelism
     if sys.__stderr__ is not None:  # a crash in native code (decoders) prints the Python stack before the worker dies
         faulthandler.enable(sys.__stderr__)

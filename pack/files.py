@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 
@@ -77,7 +78,11 @@ class Lock:
     """An exclusive lock on a file (flock): held until released or the process ends, even by kill -9.
 
     The file says who holds it (host, pid, start time), for the message the next one gets.
+    It belongs to the process that took it: a forked child (a loader's or pack's worker)
+    closes its copy at once, so a worker outliving its parent for a moment cannot keep it.
     """
+
+    _held: "weakref.WeakSet[Lock]" = weakref.WeakSet()  # this process's locks, for children to let go of
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -99,6 +104,7 @@ class Lock:
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
         self._file = f
+        Lock._held.add(self)
         return self
 
     def release(self) -> None:
@@ -111,3 +117,13 @@ class Lock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+    @staticmethod
+    def _let_go_in_child() -> None:
+        for lock in list(Lock._held):
+            if lock._file is not None:
+                lock._file.close()  # the child's copy of the descriptor only: the parent's lock stays
+                lock._file = None
+
+
+os.register_at_fork(after_in_child=Lock._let_go_in_child)

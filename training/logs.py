@@ -12,9 +12,12 @@ from tqdm import tqdm
 class Window:
     """The steps since the last log line: their losses stay on the device (read once a line, no host sync a step)."""
 
-    def __init__(self, size: int, device: torch.device, first: int):
+    def __init__(self, size: int, device: torch.device, first: int, unlogged: list[float] = ()):
+        """unlogged: a resumed run's losses since its last log line (they belong to its next one)."""
         self.losses = torch.zeros(size, device=device)
-        self.reset(first)
+        self.reset(first - len(unlogged))
+        self.losses[:len(unlogged)] = torch.tensor(list(unlogged), dtype=self.losses.dtype)
+        self.steps = len(unlogged)
 
     def reset(self, first: int) -> None:
         self.first, self.steps, self.wait, self.images, self.started = first, 0, 0.0, 0, time.perf_counter()
@@ -24,6 +27,10 @@ class Window:
         self.steps += 1
         self.images += images
         self.wait += wait
+
+    def unlogged(self) -> list[float]:
+        """The losses since the last log line (a host sync): a checkpoint keeps them for its resumed run's next line."""
+        return self.losses[:self.steps].tolist()
 
     def first_non_finite(self, world: int) -> int | None:
         """The iteration of the window's first non-finite loss, on any process (a host sync; DDP: all agree)."""

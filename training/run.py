@@ -127,16 +127,50 @@ def build_model(args, classes: list[str], flow_len: int, resumed: dict | None, i
                    "from": init.get("init")}
 
 
-class Run:
-    """What a checkpoint holds and a resume restores: the model, optimiser, schedule, loss scale, records."""
+def random_state() -> dict:
+    """This process's random generators (torch's, CUDA's where used, Python's): part of a rank's state."""
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
 
-    def __init__(self, args, classes: list[str], flow_len: int, rank: int, device: torch.device, dtype, log):
+
+def set_random_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+
+
+def rank_state(args, resumed: dict, rank: int, world: int) -> dict | None:
+    """This rank's part of a checkpoint (its loader's position, random state, unlogged losses); None if it predates them.
+
+    The data order is planned per world size (loaders.plan): a run resumes exactly with the
+    number of processes it had, and is refused with another.
+    """
+    ranks = resumed.get("ranks")
+    if ranks is None:
+        return None
+    if len(ranks) != world:
+        raise SystemExit(f"error: --resume: the run in {args.save_dir} was trained by {len(ranks)} process(es), this "
+                         f"is {world}: its data order is planned per world size; resume with {len(ranks)} "
+                         f"(torchrun --nproc-per-node {len(ranks)}), or start a new run with --init")
+    return ranks[rank]
+
+
+class Run:
+    """What a checkpoint holds and a resume restores: the model, optimiser, schedule, loss scale, records, and each
+    rank's loader position, random state and losses not yet logged (`mine`)."""
+
+    def __init__(self, args, classes: list[str], flow_len: int, rank: int, world: int, device: torch.device, dtype,
+                 log):
         # What it is trained on: the split's identity (its plan's id) and how its inputs were made.
         self.data = split_identity(args.data, load_manifest(args.data), args.train_split)
         self.pack_params = self.data["params"]
         resumed = load_checkpoint(args.save_dir, log) if args.resume else None
+        self.mine = None
         if resumed is not None:
             check_same_data(args, resumed, classes, self.data)
+            self.mine = rank_state(args, resumed, rank, world)
         init = load_init(args, classes, flow_len, self.data, log) if args.init else None
         settle_model_flags(args, resumed, init)
         if init is not None and args.no_flip and init["args"].get("no_flip"):
@@ -159,16 +193,18 @@ class Run:
             self.scheduler.load_state_dict(resumed["scheduler"])
             self.scaler.load_state_dict(resumed["scaler"])
             self.history, self.best = resumed["history"], resumed["best"]
-            torch.set_rng_state(resumed["rng"]["torch"])
-            python = resumed["rng"]["python"]
-            random.setstate((python[0], tuple(python[1]), python[2]))
-            log(f"resumed from iteration {self.start} (lr {self.scheduler.get_last_lr()[0]:g})")
+            set_random_state(self.mine["rng"] if self.mine else resumed["rng"])
+            where = self.mine and self.mine["loader"]
+            log(f"resumed from iteration {self.start} (lr {self.scheduler.get_last_lr()[0]:g}), "
+                + (f"the data from epoch {where['epoch']}, sample {where['served']} of its plan: the batches an "
+                   f"unstopped run draws" if where else "the data order afresh (a checkpoint from before planned "
+                   "data orders)" if self.mine is None else "synthetic data"))
 
-    def state(self, iteration: int) -> dict:
+    def state(self, iteration: int, ranks: list[dict]) -> dict:
+        """The checkpoint of iteration `iteration`; ranks: each rank's loader position, random state, unlogged losses."""
         return {"iteration": iteration, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "classes": self.classes,
                 "args": plain_args(self.args), "pack_params": self.pack_params, "data": self.data,
                 "init": self.init,
                 "transform_input": bool(getattr(self.model, "transform_input", False)),
-                "history": self.history, "best": self.best,
-                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}}
+                "history": self.history, "best": self.best, "rng": ranks[0]["rng"], "ranks": ranks}

@@ -1,0 +1,167 @@
+"""The order of samples: one plan an epoch, made from the shards' counts, which both loaders only execute.
+
+A plan depends on the seed, the epoch and the world size alone: not on the number of
+workers or threads, not on prefetching, not on how fast any of them runs. So a run stopped
+and resumed draws the very batches, and the very augmentation draws, an unstopped run
+draws; and the CPU loader and DALI draw the same samples in the same order.
+
+A sample is named by its place in the stream, `id` (shard after shard, as the manifest
+lists them); a loader's position is (epoch, how many of its plan's samples it has served).
+Going to a position reads nothing: the shards' indexes say where each sample lies.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import random
+from collections import OrderedDict
+
+import numpy as np
+
+from pack.shards import index_entries, key_of, read_index, whole_samples
+
+from .common import Stream
+
+
+def epoch_order(shard_samples: list[int], seed: int, epoch: int, train: bool, group: int) -> np.ndarray:
+    """Every sample id of the stream once, in this epoch's order.
+
+    Training: the shards in a shuffled order, taken in groups of at least `group` samples,
+    the samples of a group shuffled together (what a shuffle buffer of `group` does, but
+    planned; reads stay within a few shards at a time). group <= 1: each shard in order.
+    Eval: shard order.
+    """
+    starts = np.cumsum([0] + list(shard_samples))
+    if not train:
+        return np.arange(starts[-1], dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch])
+    pieces, pending, size = [], [], 0
+    for shard in rng.permutation(len(shard_samples)):
+        pending.append(np.arange(starts[shard], starts[shard + 1], dtype=np.int64))
+        size += shard_samples[shard]
+        if size >= group:
+            pieces.append(np.concatenate(pending))
+            pending, size = [], 0
+    pieces += [np.concatenate(pending)] if pending else []
+    if group > 1:
+        pieces = [rng.permutation(piece) for piece in pieces]
+    return np.concatenate(pieces) if pieces else np.empty(0, np.int64)
+
+
+def rank_plan(order: np.ndarray, rank: int, world_size: int, train: bool) -> np.ndarray:
+    """This rank's part of an epoch's order: every world_size-th sample; in training, the same count on every rank."""
+    part = order[rank::world_size]
+    return part[:len(order) // world_size] if train else part
+
+
+def draws(seed: int, epoch: int, sample: int, scale_jitter: tuple[float, float] | None,
+          flip: bool) -> tuple[float, float, float, bool]:
+    """One training sample's augmentation: (scale, crop x, crop y in 0..1, mirrored), fixed by seed, epoch and sample."""
+    rng = random.Random(f"{seed}/{epoch}/{sample}")
+    jitter, x, y, coin = rng.random(), rng.random(), rng.random(), rng.random()
+    scale = scale_jitter[0] + jitter * (scale_jitter[1] - scale_jitter[0]) if scale_jitter else 1.0
+    return scale, x, y, flip and coin < 0.5
+
+
+class Lost(Exception):
+    """A sample that cannot be given: its key (or its place in the shard) and why."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(reason)
+        self.key = key
+
+
+class ShardReader:
+    """Samples by id, read from the shards through their indexes (a mapped file each, the last `keep` kept open).
+
+    A sample lying past the end of its file (a shard cut short), behind a garbled index line,
+    or in a shard that cannot be opened raises Lost; so does one its index does not list.
+    """
+
+    def __init__(self, stream: Stream, keep: int = 256):
+        self.stream, self.keep = stream, keep
+        self.starts = np.cumsum([0] + list(stream.shard_samples))
+        self._open: OrderedDict[str, tuple] = OrderedDict()  # tar -> (data, index lines, whole samples, why not all)
+
+    def locate(self, sample: int) -> tuple[int, int]:
+        """(shard, sample within it) of a sample id."""
+        shard = int(np.searchsorted(self.starts, sample, side="right")) - 1
+        return shard, sample - int(self.starts[shard])
+
+    def read(self, sample: int) -> dict:
+        """{ext: bytes, "__key__", "__url__"} of one sample, or Lost."""
+        shard, i = self.locate(sample)
+        tar = self.stream.tars[shard]
+        data, lines, whole, problem = self._shard(tar, self.stream.indexes[shard])
+        if i >= whole:
+            raise Lost(self._key(lines, i), problem or f"its index lists {len(lines)} samples, the manifest more")
+        entries = index_entries(lines[i])
+        out = {"__url__": tar, "__key__": key_of(entries[0][3])}
+        for ext, start, length, _ in entries:
+            out[ext] = data[start:start + length]
+        return out
+
+    def _shard(self, tar: str, index: str) -> tuple:
+        if tar in self._open:
+            self._open.move_to_end(tar)
+            return self._open[tar]
+        try:
+            lines = read_index(index)
+            with open(tar, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            whole, _, problem = whole_samples(lines, size)
+            opened = (data, lines, whole, problem)
+        except (OSError, ValueError) as e:
+            opened = (b"", [], 0, f"unreadable: {e}")
+        self._open[tar] = opened
+        if len(self._open) > self.keep:
+            closing = self._open.popitem(last=False)[1][0]
+            if isinstance(closing, mmap.mmap):
+                closing.close()
+        return opened
+
+    @staticmethod
+    def _key(lines: list[str], i: int) -> str:
+        try:
+            return key_of(index_entries(lines[i])[0][3])
+        except (IndexError, ValueError):
+            return f"#{i} of the shard"
+
+
+class Planner:
+    """A loader's plans and position: which samples each epoch serves, in which order, and where it is."""
+
+    def __init__(self, stream: Stream, train: bool, seed: int, rank: int, world_size: int, batch_size: int,
+                 shuffle_buffer: int):
+        self.stream, self.train, self.seed, self.rank, self.world_size = stream, train, seed, rank, world_size
+        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
+        self.epoch, self.served = 0, 0  # the position: the next sample to serve is plan(epoch)[served]
+        self._plans: dict[int, np.ndarray] = {}
+
+    def plan(self, epoch: int) -> np.ndarray:
+        """This rank's sample ids of `epoch`, in order."""
+        if epoch not in self._plans:
+            order = epoch_order(self.stream.shard_samples, self.seed, epoch, self.train, self.shuffle_buffer)
+            self._plans = {epoch: rank_plan(order, self.rank, self.world_size, self.train)}
+        return self._plans[epoch]
+
+    def batches(self) -> int:
+        """Batches in an epoch: the full ones in training, all (the last partial) in eval; fewer if samples are lost."""
+        n = self.stream.samples // self.world_size if self.train else len(range(self.rank, self.stream.samples,
+                                                                                  self.world_size))
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def state(self) -> dict:
+        """The position, and what makes the plans and their batches (what a resume must match)."""
+        return {"epoch": self.epoch, "served": self.served, "seed": self.seed, "world_size": self.world_size,
+                "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer, "samples": self.stream.samples}
+
+    def load_state(self, state: dict) -> None:
+        """Go on from a saved position; ValueError naming what differs if these plans are not the saved ones."""
+        mine = self.state()
+        differ = [f"{name} {state.get(name)} then, {mine[name]} now" for name in mine
+                  if name not in ("epoch", "served") and state.get(name) != mine[name]]
+        if differ:
+            raise ValueError("its batches would differ from the run's (" + "; ".join(differ) + ")")
+        self.epoch, self.served = state["epoch"], state["served"]

@@ -1,0 +1,171 @@
+"""Exact resume: the data order is part of a run's state, so a stopped run ends as the same run unstopped would.
+
+A stopped run, resumed at once each time with another --workers, whatever stopped it
+(SIGKILL, SIGTERM, mid-interval between checkpoints, across epoch boundaries), ends with
+every weight equal to the unstopped run's and logs the same losses; on both loaders.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import loaders
+import train
+from conftest import ROOT
+
+BACKENDS = ["cpu", "dali"]
+
+
+def epochs_of_batches(loader, batches: int, clone=True) -> list:
+    """The next `batches` batches of a training loader, across its epochs: (images, labels, keys) each."""
+    out = []
+    while len(out) < batches:
+        for images, labels, keys in loader:
+            out.append((images.clone() if clone else images, labels, keys))
+            if len(out) == batches:
+                break
+    return out
+
+
+def train_loader(data, backend: str, workers: int, position=None, **kw):
+    return loaders.build(data, "train", "flow", True, 16, crop=40, backend=backend, device="cpu", workers=workers,
+                         seed=3, scale_jitter=(0.9, 1.1), position=position, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loader_made_at_a_position_goes_on_with_the_very_batches_and_the_workers_do_not_matter(data, backend):
+    epoch = len(train_loader(data, backend, 1))
+    unstopped = epochs_of_batches(train_loader(data, backend, 2), 2 * epoch + 3)
+    for stop in (3, epoch - 1, epoch, epoch + 2):  # mid-epoch, at an epoch's last batch, at its end, in the next
+        first = train_loader(data, backend, 1)
+        head = epochs_of_batches(first, stop)
+        position = first.position()
+        tail = epochs_of_batches(train_loader(data, backend, 3 if backend == "cpu" else 1, position=position),
+                                 len(unstopped) - stop)
+        for i, ((a, y, k), (b, z, m)) in enumerate(zip(unstopped, head + tail)):
+            assert k == m and torch.equal(y, z) and torch.equal(a, b), f"stopped after {stop}: batch {i} differs"
+
+
+def test_both_loaders_draw_the_same_samples_in_the_same_order(data):
+    """The plan is the loaders': the same samples, batch by batch, from DALI and the CPU workers (the pixels differ
+    by their decoders' rounding)."""
+    keys = {backend: [k for _, _, k in epochs_of_batches(train_loader(data, backend, 2), 15)] for backend in BACKENDS}
+    assert keys["cpu"] == keys["dali"]
+
+
+def test_a_position_of_another_plan_is_refused(data):
+    first = train_loader(data, "cpu", 1)
+    epochs_of_batches(first, 2)
+    with pytest.raises(ValueError, match="seed 3 then, 4 now"):
+        loaders.build(data, "train", "flow", True, 16, crop=40, backend="cpu", device="cpu", seed=4,
+                      position=first.position())
+    with pytest.raises(ValueError, match="world_size 1 then, 2 now"):
+        train_loader(data, "cpu", 1, position=first.position(), world_size=2)
+
+
+TRAIN = ["--modality", "rgb", "--arch", "resnet18", "--input-size", "32", "--batch-size", "16", "--lr", "0.01",
+         "--max-iterations", "30", "--step-values", "20", "--log-every", "3", "--ckpt-every", "4", "--val-every", "10",
+         "--val-batches", "2", "--scale-jitter", "0.9", "1.1", "--deterministic"]
+
+
+def command(data, save, backend: str, workers: int) -> list[str]:
+    return [sys.executable, "train.py", "--data", str(data), *TRAIN, "--backend", backend, "--workers", str(workers),
+            "--save-dir", str(save)]
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def run_until(argv, save, seen, sig: int, whole_group: bool = False) -> tuple[int, list[int]]:
+    """Start a run, send it `sig` once `seen(save)` holds; its exit status and its child processes at that moment."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not seen(save) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()[-2000:]}"
+    workers = children(proc.pid)
+    (os.killpg if whole_group else os.kill)(proc.pid, sig)
+    return proc.wait(60), workers
+
+
+def logged_at(save, iteration: int) -> bool:
+    log = save / "train.log"
+    return log.exists() and f"\nit {iteration} " in log.read_text()
+
+
+def final(save) -> dict:
+    return torch.load(save / "latest.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_run_stopped_by_sigkill_and_sigterm_ends_as_the_unstopped_run(data, tmp_path, backend):
+    """11 batches an epoch: the kills land before the first epoch's end and in the second, each resume crosses one."""
+    unstopped = tmp_path / "unstopped"
+    done = subprocess.run(command(data, unstopped, backend, 2), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    stopped = tmp_path / "stopped"
+    # kill -9 of the main process alone, once a checkpoint is written: its workers must die with it, and
+    # free the save-dir's lock, for a resume started at once
+    status, workers = run_until(command(data, stopped, backend, 2), stopped,
+                                lambda save: (save / "ckpt-00000004.pt").exists(), signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    # resumed at once with another --workers; SIGTERM after the step under way once iteration 15 is logged (its
+    # checkpoint then holds the losses of the log window under way)
+    status, _ = run_until(command(data, stopped, backend, 1) + ["--resume"], stopped,
+                          lambda save: logged_at(save, 15), signal.SIGTERM, whole_group=True)
+    assert status == 128 + signal.SIGTERM
+    deadline = time.time() + 5
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "a loader worker outlived its run"
+    at = final(stopped)["iteration"]
+    assert 15 <= at < 30, f"SIGTERM should stop the run after iteration 15, stopped at {at}"  # 16 or 17: mid-window
+    done = subprocess.run(command(data, stopped, backend, 3) + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    a, b = final(unstopped), final(stopped)
+    assert a["iteration"] == b["iteration"] == 30
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differ, f"{len(differ)} weights differ, e.g. {differ[:3]}"
+    assert a["history"]["train"] == b["history"]["train"], "the logged losses differ"
+    assert a["history"]["val"] == b["history"]["val"]
+    log = (stopped / "train.log").read_text()
+    assert log.count("the batches an unstopped run draws") == 2 and "in use by" not in log
+
+
+def test_two_unstopped_runs_with_other_workers_give_the_same_weights(data, tmp_path):
+    weights = []
+    for workers in (0, 3):
+        save = tmp_path / f"w{workers}"
+        train.main(train.get_args_parser().parse_args(
+            ["--data", str(data), *TRAIN, "--max-iterations", "13", "--workers", str(workers), "--save-dir", str(save)]))
+        weights.append(final(save)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_resuming_with_another_world_size_or_batch_size_is_refused(data, tmp_path):
+    save = tmp_path / "run"
+    args = ["--data", str(data), *TRAIN, "--max-iterations", "4", "--workers", "1", "--save-dir", str(save)]
+    train.main(train.get_args_parser().parse_args(args))
+    ckpt = final(save)
+    ckpt["ranks"] = ckpt["ranks"] * 2  # as if written by two processes
+    torch.save(ckpt, save / "latest.pt")
+    more = ["--max-iterations", "8", "--resume"]
+    with pytest.raises(SystemExit, match=r"trained by 2 process\(es\), this is 1.*torchrun --nproc-per-node 2"):
+        train.main(train.get_args_parser().parse_args(args + more))
+    ckpt["ranks"] = ckpt["ranks"][:1]
+    torch.save(ckpt, save / "latest.pt")
+    with pytest.raises(SystemExit, match="batch_size 16 then, 8 now.*--batch-size"):
+        train.main(train.get_args_parser().parse_args(args + more + ["--batch-size", "8"]))
