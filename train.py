@@ -5,8 +5,8 @@
     torchrun --nproc-per-node 8 train.py --data DATA --modality flow --save-dir runs/flow
 
 Kill it at any moment and run the same command with --resume: it continues from the latest
-good checkpoint (weights, optimiser, learning-rate schedule, loss scale, random state) and
-ends at the same iteration. SIGTERM (a scheduler's preemption) stops it after the step under
+good checkpoint (weights, optimiser, learning-rate schedule, loss scale, random state, and
+where the loader is in its planned data order) as the same run never stopped would. SIGTERM (a scheduler's preemption) stops it after the step under
 way, with a checkpoint. A loss that is not finite stops it with an error: no checkpoint of
 non-finite weights is ever written.
 """

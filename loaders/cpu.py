@@ -1,9 +1,9 @@
 """A fast CPU loader with the DALI pipelines' semantics, for machines without a GPU.
 
-DataLoader workers read their share of the shards through the shards' DALI index files
-(one mapped file per shard, no tar parsing: it measured faster than webdataset's tar
-iterator), decode with libjpeg-turbo, cut and flip, and write uint8 batches straight into
-shared memory. Training batches bound for a GPU carry each crop's window at the JPEG's own
+DataLoader workers execute the epoch's plan (loaders.plan), a batch's samples a task: they
+read each sample through its shard's DALI index file (one mapped file per shard, no tar
+parsing: it measured faster than webdataset's tar iterator), decode with libjpeg-turbo, cut
+and flip as planned, and write uint8 batches straight into shared memory. Training batches bound for a GPU carry each crop's window at the JPEG's own
 resolution: the GPU resizes it to the crop (as DALI's pipelines resize on the GPU), then
 converts, normalises and goes channels-last (loaders.common.normalise). On a CPU-only
 machine, and in eval, the workers do all of it (resizing with OpenCV).

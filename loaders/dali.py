@@ -188,9 +188,14 @@ class DaliLoader:
     def _start(self) -> None:
         """The pipeline and its iterator, reading from the planner's position."""
         self._source = PlannedSource(self.planner, self.train, *self._augmentation)
-        with self._naming_shards():  # building the iterator already runs the pipeline (prefetch)
-            self._iter = DALIGenericIterator(self._pipeline(source=self._source), ["images", "labels"],
-                                             auto_reset=True, last_batch_policy=LastBatchPolicy.PARTIAL)
+        try:
+            with self._naming_shards():  # building the iterator already runs the pipeline (prefetch)
+                self._iter = DALIGenericIterator(self._pipeline(source=self._source), ["images", "labels"],
+                                                 auto_reset=True, last_batch_policy=LastBatchPolicy.PARTIAL)
+        except RuntimeError:  # DALI refuses a pass without a batch: in eval, one where nothing can be read
+            if self.train or not self._source.fed or any(entry[1] is not None for entry in self._source.fed):
+                raise
+            self._iter = None
         self._left_early = False
         self._pending = None  # training: the next epoch's first batch, read already (see _train_pass)
 
@@ -242,6 +247,9 @@ class DaliLoader:
         warn_losses(list(epoch_losses.values()), self.stream, self.skipped)
 
     def _eval_pass(self, epoch_losses: dict):
+        if self._iter is None:  # nothing could be read: no batch, the losses say why (each of DALI's tries saw them all)
+            merge_losses(epoch_losses, self._source.fed[0][3])
+            return
         for (batch,) in self._iter:
             epoch, served, keys, losses = self._source.fed.popleft()
             merge_losses(epoch_losses, losses)

@@ -160,6 +160,8 @@ class Planner:
     def load_state(self, state: dict) -> None:
         """Go on from a saved position; ValueError naming what differs if these plans are not the saved ones."""
         mine = self.state()
+        if not isinstance(state.get("epoch"), int) or not isinstance(state.get("served"), int):
+            raise ValueError(f"its loader position {state!r} is not one this version writes")
         differ = [f"{name} {state.get(name)} then, {mine[name]} now" for name in mine
                   if name not in ("epoch", "served") and state.get(name) != mine[name]]
         if differ:

@@ -86,10 +86,13 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def run_until(argv, save, seen, sig: int, whole_group: bool = False) -> tuple[int, list[int]]:
-    """Start a run, send it `sig` once `seen(save)` holds; its exit status and its child processes at that moment."""
+def run_until(argv, save, seen, sig: int, whole_group: bool = False, meanwhile=None) -> tuple[int, list[int]]:
+    """Start a run (then call `meanwhile`), send it `sig` once `seen(save)` holds; its exit status and its child
+    processes at that moment."""
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    if meanwhile is not None:
+        meanwhile()
     deadline = time.time() + 180
     while not seen(save) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -121,15 +124,18 @@ def test_a_run_stopped_by_sigkill_and_sigterm_ends_as_the_unstopped_run(data, tm
     status, workers = run_until(command(data, stopped, backend, 2), stopped,
                                 lambda save: (save / "ckpt-00000004.pt").exists(), signal.SIGKILL)
     assert status == -signal.SIGKILL
+    killed = time.time()
+
+    def workers_gone():  # within a moment of the kill (the kernel kills them: PR_SET_PDEATHSIG)
+        while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < killed + 1:
+            time.sleep(0.01)
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "a loader worker outlived its run"
+
     # resumed at once with another --workers; SIGTERM after the step under way once iteration 15 is logged (its
     # checkpoint then holds the losses of the log window under way)
     status, _ = run_until(command(data, stopped, backend, 1) + ["--resume"], stopped,
-                          lambda save: logged_at(save, 15), signal.SIGTERM, whole_group=True)
+                          lambda save: logged_at(save, 15), signal.SIGTERM, whole_group=True, meanwhile=workers_gone)
     assert status == 128 + signal.SIGTERM
-    deadline = time.time() + 5
-    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "a loader worker outlived its run"
     at = final(stopped)["iteration"]
     assert 15 <= at < 30, f"SIGTERM should stop the run after iteration 15, stopped at {at}"  # 16 or 17: mid-window
     done = subprocess.run(command(data, stopped, backend, 3) + ["--resume"], cwd=ROOT, capture_output=True, text=True)
@@ -169,3 +175,47 @@ def test_resuming_with_another_world_size_or_batch_size_is_refused(data, tmp_pat
     torch.save(ckpt, save / "latest.pt")
     with pytest.raises(SystemExit, match="batch_size 16 then, 8 now.*--batch-size"):
         train.main(train.get_args_parser().parse_args(args + more + ["--batch-size", "8"]))
+
+
+def test_ddp_each_rank_goes_on_from_its_own_position(data, tmp_path):
+    """Two processes (gloo): a run stopped at iteration 6 and resumed (other --workers) ends as the unstopped one.
+
+    (Stopped by --max-iterations at a log line: with DDP, SIGTERM stops a run at a log line too.)"""
+    def ddp(save, iterations: int, workers: int, *more):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+             "train.py", "--data", str(data), *TRAIN, "--max-iterations", str(iterations), "--workers", str(workers),
+             "--device", "cpu", "--save-dir", str(save), *more], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    ddp(tmp_path / "unstopped", 14, 1)
+    ddp(tmp_path / "stopped", 6, 2)
+    ranks = final(tmp_path / "stopped")["ranks"]
+    assert len(ranks) == 2 and ranks[0]["loader"]["world_size"] == 2 and ranks[0]["rng"]["torch"].shape
+    ddp(tmp_path / "stopped", 14, 0, "--resume")
+    a, b = final(tmp_path / "unstopped"), final(tmp_path / "stopped")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["history"]["train"] == b["history"]["train"]
+
+
+def test_the_save_dir_lock_belongs_to_the_process_that_took_it(tmp_path):
+    """A child forked while the lock is held (a loader worker) does not hold it: once the parent is gone, it is free."""
+    from pack.files import Lock
+
+    path = tmp_path / ".train.lock"
+    script = (f"import os, time, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              f"from pack.files import Lock\n"
+              f"lock = Lock({str(path)!r}).acquire('the save-dir')\n"
+              f"if os.fork() == 0:\n    time.sleep(30)\n    os._exit(0)\n"
+              f"print('holding', flush=True)\ntime.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(SystemExit, match=f"the save-dir is in use by pid {holder.pid} "):
+            Lock(path).acquire("the save-dir")
+        holder.kill()  # kill -9 of the holder: its child lives on
+        holder.wait()
+        with Lock(path).acquire("the save-dir"):  # free at once, though the child still runs
+            pass
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)

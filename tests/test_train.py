@@ -282,7 +282,7 @@ def test_init_starts_from_a_trained_stream_with_a_new_classifier_or_its_own(real
         args = run_args("--data", data, *TRANSFER, "--init", source / "latest.pt", "--save-dir", tmp_path / "x")
         classes = train.check_before_work(args, 1)
         lines = []
-        run = Run(args, classes, 1, 0, torch.device("cpu"), None, lines.append)
+        run = Run(args, classes, 1, 0, 1, torch.device("cpu"), None, lines.append)
         weights = run.model.state_dict()
         for key, value in trained_on["model"].items():
             same = torch.equal(weights[key], value)
