@@ -208,7 +208,9 @@ class ShardSamples(Dataset):
         images, slot = self._new_batch(info, turn)
         rows = images.numpy()
         labels, keys, places, losses = [], [], [], {}
-        for place, sample_id in enumerate(ids.tolist(), first):
+        planned = (draws(self.seed, epoch, ids, self.scale_jitter, self.flip).tolist() if self.train
+                   else [None] * len(ids))
+        for place, sample_id, augmentation in zip(range(first, first + len(ids)), ids.tolist(), planned):
             try:
                 sample = self._reader.read(sample_id)
             except Lost as e:
@@ -216,7 +218,6 @@ class ShardSamples(Dataset):
                 continue
             if info is not None:
                 _say_where(self.where, info.id, f"{sample['__url__']} sample {sample['__key__']}")
-            augmentation = draws(self.seed, epoch, sample_id, self.scale_jitter, self.flip) if self.train else None
             try:  # a bad sample leaves its row half-written: the next one overwrites it
                 label = self._augment(sample, augmentation, rows[len(labels)])
             except Exception as e:  # a corrupt JPEG, a missing component, a bad label

@@ -114,12 +114,15 @@ class PlannedSource:
         while len(rows) < size:
             plan = self.planner.plan(self.epoch)
             if self.next < len(plan):
-                sample_id = int(plan[self.next])
-                self.next += 1
-                row = self._row(sample_id, losses)
-                if row is not None:
-                    keys.append(row.pop())
-                    rows.append(row)
+                chunk = plan[self.next:self.next + size - len(rows)]  # as many as the batch lacks
+                self.next += len(chunk)
+                planned = (draws(self.planner.seed, self.epoch, chunk, self.scale_jitter, self.flip) if self.train
+                           else [None] * len(chunk))
+                for sample_id, augmentation in zip(chunk.tolist(), planned):
+                    row = self._row(sample_id, augmentation, losses)
+                    if row is not None:
+                        keys.append(row[3])
+                        rows.append(row)
                 continue
             if not self.train:
                 break
@@ -135,10 +138,21 @@ class PlannedSource:
             self.next = 0
             raise StopIteration
         self.fed.append((self.epoch, self.next, keys, list(losses.values())))
-        return [list(column) for column in zip(*rows)]
+        return self._batch(rows)
 
-    def _row(self, sample_id: int, losses: dict) -> list | None:
-        """One sample's outputs (its JPEGs, label[, scale, x, y, mirrored], key), or None if it is lost (counted)."""
+    def _batch(self, rows: list[tuple]) -> list:
+        """The outputs: each image of the samples (a list of encoded JPEGs), then labels[, scale, x, y, mirrored]
+        (one array a batch: DALI takes its rows as the samples' scalars)."""
+        out = [[row[0][i] for row in rows] for i in range(len(self.stream.exts))]
+        out.append(np.array([row[1] for row in rows], np.int64))
+        if self.train:
+            planned = np.array([row[2] for row in rows])
+            out += [planned[:, 0].astype(np.float32), planned[:, 1].astype(np.float32),
+                    planned[:, 2].astype(np.float32), planned[:, 3].astype(np.int32)]
+        return out
+
+    def _row(self, sample_id: int, augmentation, losses: dict) -> tuple | None:
+        """One sample's (JPEGs, label, augmentation, key), or None if it is lost (counted)."""
         try:
             sample = self.reader.read(sample_id)
         except Lost as e:
@@ -152,12 +166,7 @@ class PlannedSource:
         except ValueError as e:
             add_loss(losses, sample["__url__"], sample["__key__"], 1, str(e))
             return None
-        row = [np.frombuffer(sample[ext], np.uint8) for ext in self.stream.exts] + [np.array(label, np.int64)]
-        if self.train:
-            scale, x, y, mirrored = draws(self.planner.seed, self.epoch, sample_id, self.scale_jitter, self.flip)
-            row += [np.array(scale, np.float32), np.array(x, np.float32), np.array(y, np.float32),
-                    np.array(mirrored, np.int32)]
-        return row + [sample["__key__"]]
+        return [np.frombuffer(sample[ext], np.uint8) for ext in self.stream.exts], label, augmentation, sample["__key__"]
 
 
 class DaliLoader:

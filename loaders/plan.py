@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import random
 from collections import OrderedDict
 
 import numpy as np
@@ -54,13 +53,29 @@ def rank_plan(order: np.ndarray, rank: int, world_size: int, train: bool) -> np.
     return part[:len(order) // world_size] if train else part
 
 
-def draws(seed: int, epoch: int, sample: int, scale_jitter: tuple[float, float] | None,
-          flip: bool) -> tuple[float, float, float, bool]:
-    """One training sample's augmentation: (scale, crop x, crop y in 0..1, mirrored), fixed by seed, epoch and sample."""
-    rng = random.Random(f"{seed}/{epoch}/{sample}")
-    jitter, x, y, coin = rng.random(), rng.random(), rng.random(), rng.random()
-    scale = scale_jitter[0] + jitter * (scale_jitter[1] - scale_jitter[0]) if scale_jitter else 1.0
-    return scale, x, y, flip and coin < 0.5
+def draws(seed: int, epoch: int, samples: np.ndarray, scale_jitter: tuple[float, float] | None,
+          flip: bool) -> np.ndarray:
+    """Training samples' augmentation, one row a sample: (scale, crop x, crop y in 0..1, mirrored 0 or 1).
+
+    Fixed by the seed, the epoch and each sample's id alone: a counter-based hash
+    (splitmix64) of them, so any samples' draws come at once, in any order, anywhere.
+    """
+    with np.errstate(over="ignore"):
+        base = _mix(np.array([_mix(np.array([seed & MASK], np.uint64))[0] ^ np.uint64(epoch & MASK)], np.uint64))[0]
+        counters = np.asarray(samples, np.uint64)[:, None] * np.uint64(4) + np.arange(4, dtype=np.uint64)
+        u = (_mix(base + counters * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)) * 2.0 ** -53
+    lo, hi = scale_jitter or (1.0, 1.0)
+    return np.stack([lo + u[:, 0] * (hi - lo), u[:, 1], u[:, 2], (u[:, 3] < 0.5) & flip], axis=1)
+
+
+MASK = 2 ** 64 - 1
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, on uint64 arrays (wrapping)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 class Lost(Exception):

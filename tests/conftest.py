@@ -23,6 +23,22 @@ def run_pack(*argv) -> int:
     return main(get_args_parser().parse_args([str(a) for a in argv]))
 
 
+def copy_with_test_split(data: Path, synth: Path, tmp_path: Path) -> Path:
+    """A copy of DATA with a split packed later: `test`, the val videos without labels (as Kinetics' test CSV)."""
+    import csv
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    with open(synth / "val.csv") as f:
+        rows = list(csv.DictReader(f))
+    test_csv = tmp_path / "test.csv"
+    test_csv.write_text("youtube_id,time_start,time_end,split\n" +
+                        "".join(f"{r['youtube_id']},{r['time_start']},{r['time_end']},test\n" for r in rows))
+    assert run_pack("--csv", test_csv, "--videos", synth / "videos", "--out", copy, "--workers", "2", *PACK_ARGS) == 0
+    return copy
+
+
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Path:
     """3 colours x 2 directions, 5 training and 2 validation videos per class, 96x72, 24 frames."""

@@ -1,7 +1,6 @@
 """The whole pipeline on the tiny synthetic set: pack -> train both streams -> score -> fuse."""
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shutil
@@ -12,7 +11,7 @@ import torch
 
 import fuse
 import score
-from conftest import PACK_ARGS, run_pack
+from conftest import copy_with_test_split, run_pack
 from pack.manifest import load_manifest
 
 
@@ -41,14 +40,7 @@ def test_result_json_structure(trained):
 
 
 def test_a_split_without_labels_gives_predictions_only(data, synth, trained, tmp_path, capsys):
-    copy = tmp_path / "data"
-    shutil.copytree(data, copy)
-    with open(synth / "val.csv") as f:
-        rows = list(csv.DictReader(f))
-    test_csv = tmp_path / "test.csv"
-    test_csv.write_text("youtube_id,time_start,time_end,split\n" +
-                        "".join(f"{r['youtube_id']},{r['time_start']},{r['time_end']},test\n" for r in rows))
-    assert run_pack("--csv", test_csv, "--videos", synth / "videos", "--out", copy, "--workers", "2", *PACK_ARGS) == 0
+    copy = copy_with_test_split(data, synth, tmp_path)
     out = tmp_path / "test.npz"
     figures = score.main(score.get_args_parser().parse_args(
         ["--checkpoint", str(trained["rgb"] / "latest.pt"), "--data", str(copy), "--split", "test", "--out", str(out),

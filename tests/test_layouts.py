@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from conftest import DATA, ROOT, run_pack
-from pack.annotations import AnnotationError
 from pack.manifest import load_manifest
 from tests.test_pack import decoded_frames
 

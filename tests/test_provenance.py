@@ -1,7 +1,6 @@
 """Score files, results and predictions know where they come from, and nothing is overwritten unasked (issue 21)."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import fuse
 import predict
 import score
 import train
-from conftest import DATA, PACK_ARGS, ROOT, run_pack
+from conftest import DATA, ROOT, copy_with_test_split
 from pack.files import file_sha256
 from pack.manifest import load_manifest, split_identity
 from pack.synth import write_video
@@ -66,14 +65,7 @@ def test_a_score_file_records_its_checkpoint_and_splits_also_on_other_data(data,
     assert meta["scored"] == split_identity(data, load_manifest(data), "val")
     assert meta["tta"] == "none" and meta["class_topk"] == 0 and meta["other_pack_params"] is None
     # another DATA (a test split packed later, into a copy): normal, and written down
-    copy = tmp_path / "data"
-    shutil.copytree(data, copy)
-    with open(synth / "val.csv") as f:
-        rows = list(csv.DictReader(f))
-    test_csv = tmp_path / "test.csv"
-    test_csv.write_text("youtube_id,time_start,time_end,split\n" +
-                        "".join(f"{r['youtube_id']},{r['time_start']},{r['time_end']},test\n" for r in rows))
-    assert run_pack("--csv", test_csv, "--videos", synth / "videos", "--out", copy, "--workers", "1", *PACK_ARGS) == 0
+    copy = copy_with_test_split(data, synth, tmp_path)
     run_score("--checkpoint", tiny["rgb"], "--data", copy, "--split", "test", "--out", tmp_path / "t.npz",
               "--tta", "flip", "--class-topk", "2")
     other = meta_of(tmp_path / "t.npz")
