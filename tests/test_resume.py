@@ -161,7 +161,7 @@ def test_two_unstopped_runs_with_other_workers_give_the_same_weights(data, tmp_p
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_resuming_with_another_world_size_or_batch_size_is_refused(data, tmp_path):
+def test_resuming_with_another_world_size_batch_size_or_a_damaged_state_is_refused(data, tmp_path):
     save = tmp_path / "run"
     args = ["--data", str(data), *TRAIN, "--max-iterations", "4", "--workers", "1", "--save-dir", str(save)]
     train.main(train.get_args_parser().parse_args(args))
@@ -175,6 +175,10 @@ def test_resuming_with_another_world_size_or_batch_size_is_refused(data, tmp_pat
     torch.save(ckpt, save / "latest.pt")
     with pytest.raises(SystemExit, match="batch_size 16 then, 8 now.*--batch-size"):
         train.main(train.get_args_parser().parse_args(args + more + ["--batch-size", "8"]))
+    ckpt["ranks"][0]["loader"] = {"epoch": "x"}  # damaged, or edited
+    torch.save(ckpt, save / "latest.pt")
+    with pytest.raises(SystemExit, match="holds a state of process 0 that train.py does not write"):
+        train.main(train.get_args_parser().parse_args(args + more))
 
 
 def test_ddp_each_rank_goes_on_from_its_own_position(data, tmp_path):

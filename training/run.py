@@ -154,7 +154,14 @@ def rank_state(args, resumed: dict, rank: int, world: int) -> dict | None:
         raise SystemExit(f"error: --resume: the run in {args.save_dir} was trained by {len(ranks)} process(es), this "
                          f"is {world}: its data order is planned per world size; resume with {len(ranks)} "
                          f"(torchrun --nproc-per-node {len(ranks)}), or start a new run with --init")
-    return ranks[rank]
+    mine, where = ranks[rank], ranks[rank].get("loader") if isinstance(ranks[rank], dict) else None
+    readable = isinstance(mine, dict) and {"loader", "rng", "unlogged"} <= set(mine) and (
+        where is None or all(isinstance(where.get(k), int) for k in ("epoch", "served")))
+    if not readable:
+        raise SystemExit(f"error: --resume: the latest checkpoint in {args.save_dir} holds a state of process {rank} "
+                         f"that train.py does not write (damaged, or edited?): move it aside to resume from the one "
+                         f"before, or start a new run with --init")
+    return mine
 
 
 class Run:
