@@ -6,8 +6,8 @@
 
 Kill it at any moment and run the same command with --resume: it continues from the latest
 good checkpoint (weights, optimiser, learning-rate schedule, loss scale, random state, and
-where the loader is in its planned data order) as the same run never stopped would. SIGTERM (a scheduler's preemption) stops it after the step under
-way, with a checkpoint. A loss that is not finite stops it with an error: no checkpoint of
+where the loader is in its planned data order) as the same run never stopped would.
+SIGTERM (a scheduler's preemption) stops it after the step under way, with a checkpoint. A loss that is not finite stops it with an error: no checkpoint of
 non-finite weights is ever written.
 """
 from __future__ import annotations

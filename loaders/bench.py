@@ -40,7 +40,7 @@ def baseline_inputs(stream, folder: Path) -> tuple[list[list[Path]], list[bytes]
         try:
             sample = reader.read(sample_id)
         except Lost as e:
-            add_loss(losses, stream.tars[reader.locate(sample_id)[0]], e.key, 1, str(e))
+            add_loss(losses, e.shard, e.key, 1, str(e))
             continue
         paths = [folder / f"{sample['__key__']}.{ext}" for ext in stream.exts]
         if paths[0] not in checked:
@@ -50,7 +50,7 @@ def baseline_inputs(stream, folder: Path) -> tuple[list[list[Path]], list[bytes]
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(sample[ext])
         if not checked[paths[0]]:
-            add_loss(losses, sample["__url__"], sample["__key__"], 1, "an image is missing or does not decode")
+            add_loss(losses, sample["__url__"], sample["__key__"], 1, "an image does not decode")
             continue
         files.append(paths)
         if len(jpegs) < 2000:
@@ -63,7 +63,7 @@ def _decodes(sample: dict, exts: list[str]) -> bool:
     try:
         for ext in exts:
             simplejpeg.decode_jpeg(sample[ext], colorspace="RGB")
-    except (KeyError, ValueError):
+    except ValueError:
         return False
     return True
 

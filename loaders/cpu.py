@@ -3,10 +3,11 @@
 DataLoader workers execute the epoch's plan (loaders.plan), a batch's samples a task: they
 read each sample through its shard's DALI index file (one mapped file per shard, no tar
 parsing: it measured faster than webdataset's tar iterator), decode with libjpeg-turbo, cut
-and flip as planned, and write uint8 batches straight into shared memory. Training batches bound for a GPU carry each crop's window at the JPEG's own
-resolution: the GPU resizes it to the crop (as DALI's pipelines resize on the GPU), then
-converts, normalises and goes channels-last (loaders.common.normalise). On a CPU-only
-machine, and in eval, the workers do all of it (resizing with OpenCV).
+and flip as planned, and write uint8 batches straight into shared memory. Training batches
+bound for a GPU carry each crop's window at the JPEG's own resolution: the GPU resizes it
+to the crop (as DALI's pipelines resize on the GPU), then converts, normalises and goes
+channels-last (loaders.common.normalise). On a CPU-only machine, and in eval, the workers
+do all of it (resizing with OpenCV).
 
 Where the time goes, per training image, and what keeps it down:
 - decoding: only the part of the JPEG under the crop (the _jpeg_region C extension, as
@@ -214,15 +215,14 @@ class ShardSamples(Dataset):
             try:
                 sample = self._reader.read(sample_id)
             except Lost as e:
-                add_loss(losses, self.stream.tars[self._reader.locate(sample_id)[0]], e.key, 1, str(e))
+                add_loss(losses, e.shard, e.key, 1, str(e))
                 continue
             if info is not None:
                 _say_where(self.where, info.id, f"{sample['__url__']} sample {sample['__key__']}")
             try:  # a bad sample leaves its row half-written: the next one overwrites it
                 label = self._augment(sample, augmentation, rows[len(labels)])
-            except Exception as e:  # a corrupt JPEG, a missing component, a bad label
-                reason = f"missing its {e.args[0]}" if isinstance(e, KeyError) else str(e)
-                add_loss(losses, sample["__url__"], sample["__key__"], 1, reason)
+            except Exception as e:  # a corrupt JPEG, a bad label
+                add_loss(losses, sample["__url__"], sample["__key__"], 1, str(e))
                 continue
             labels.append(label)
             keys.append(sample["__key__"])
@@ -294,7 +294,7 @@ def window_side(stream: Stream, crop: int, short: float) -> int:
     for sample_id in range(stream.samples):
         try:
             scaled = scaled_size(reader.read(sample_id)[stream.exts[0]], math.ceil(short))
-        except (Lost, KeyError, ValueError):  # a bad sample: no window to go by
+        except (Lost, ValueError):  # a bad sample: no window to go by
             continue
         return footprint(*scaled[1:], short, crop, (0.0, 0.0))[2]
     return crop

@@ -79,18 +79,19 @@ def _mix(z: np.ndarray) -> np.ndarray:
 
 
 class Lost(Exception):
-    """A sample that cannot be given: its key (or its place in the shard) and why."""
+    """A sample that cannot be given: its shard, its key (or its place in the shard) and why."""
 
-    def __init__(self, key: str, reason: str):
+    def __init__(self, shard: str, key: str, reason: str):
         super().__init__(reason)
-        self.key = key
+        self.shard, self.key = shard, key
 
 
 class ShardReader:
     """Samples by id, read from the shards through their indexes (a mapped file each, the last `keep` kept open).
 
     A sample lying past the end of its file (a shard cut short), behind a garbled index line,
-    or in a shard that cannot be opened raises Lost; so does one its index does not list.
+    in a shard that cannot be opened, or lacking one of the stream's components raises Lost;
+    so does one its index does not list.
     """
 
     def __init__(self, stream: Stream, keep: int = 256):
@@ -109,11 +110,14 @@ class ShardReader:
         tar = self.stream.tars[shard]
         data, lines, whole, problem = self._shard(tar, self.stream.indexes[shard])
         if i >= whole:
-            raise Lost(self._key(lines, i), problem or f"its index lists {len(lines)} samples, the manifest more")
+            raise Lost(tar, self._key(lines, i), problem or f"its index lists {len(lines)} samples, the manifest more")
         entries = index_entries(lines[i])
         out = {"__url__": tar, "__key__": key_of(entries[0][3])}
         for ext, start, length, _ in entries:
             out[ext] = data[start:start + length]
+        missing = next((ext for ext in self.stream.exts + ["cls"] if ext not in out), None)
+        if missing:
+            raise Lost(tar, out["__key__"], f"missing its {missing}")
         return out
 
     def _shard(self, tar: str, index: str) -> tuple:
