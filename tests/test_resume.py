@@ -231,3 +231,14 @@ def test_the_save_dir_lock_belongs_to_the_process_that_took_it(tmp_path):
             pass
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
+
+
+def test_a_resume_with_another_log_every_keeps_the_losses_since_the_line_it_would_have_written():
+    """Resumed at iteration 4 with 4 losses unlogged (--log-every 5 then): --log-every 3 logged at 3, so 1 is left."""
+    from training.logs import Window
+
+    window = Window(3, torch.device("cpu"), 4, [1.0, 2.0, 3.0, 4.0])
+    assert window.unlogged() == [4.0]
+    window.add(torch.tensor(5.0), 1, 0.0)
+    window.add(torch.tensor(6.0), 1, 0.0)  # iteration 6: the window is full, as the line is due
+    assert window.mean_loss() == 5.0 and Window(2, torch.device("cpu"), 4, [1.0, 2.0]).unlogged() == []

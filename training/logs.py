@@ -13,10 +13,12 @@ class Window:
     """The steps since the last log line: their losses stay on the device (read once a line, no host sync a step)."""
 
     def __init__(self, size: int, device: torch.device, first: int, unlogged: list[float] = ()):
-        """unlogged: a resumed run's losses since its last log line (they belong to its next one)."""
+        """unlogged: a resumed run's losses since its last log line (they belong to its next one; resumed with
+        another --log-every, those since the last line it would have written)."""
+        unlogged = list(unlogged)[max(0, len(unlogged) - first % size):]
         self.losses = torch.zeros(size, device=device)
         self.reset(first - len(unlogged))
-        self.losses[:len(unlogged)] = torch.tensor(list(unlogged), dtype=self.losses.dtype)
+        self.losses[:len(unlogged)] = torch.tensor(unlogged, dtype=self.losses.dtype)
         self.steps = len(unlogged)
 
     def reset(self, first: int) -> None:
