@@ -6,6 +6,7 @@
 # Each turn is one python -m loaders.bench (with its files baseline and decode ceiling, so each figure is also a
 # ratio in its own run); the lines printed are the bench's results.
 set -euo pipefail
+[ $# -ge 2 ] || { echo "usage: bash benchmarks/loaders_before_after.sh OTHER_CHECKOUT DATA [ROUNDS]" >&2; exit 2; }
 before=$(cd "$1" && pwd) data=$(cd "$2" && pwd) rounds=${3:-2}
 here=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$here/.venv/bin/python}

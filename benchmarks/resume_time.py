@@ -50,7 +50,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="alternating measurements of each")
     args = p.parse_args()
-    samples = open_stream(args.data, args.split, args.modality).samples
+    try:
+        samples = open_stream(args.data, args.split, args.modality).samples
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if samples < 4 * args.batch_size:
+        raise SystemExit(f"error: {args.data}/{args.split} has {samples} samples, fewer than 4 batches of "
+                         f"{args.batch_size}: make a bigger DATA with benchmarks/replicate.py")
     served = (samples // args.batch_size - 3) * args.batch_size  # three batches before the epoch's end
     print(f"{args.data}/{args.split} {args.modality}: {samples} samples; resuming at sample {served} of epoch 0, "
           f"batch {args.batch_size}, crop {args.crop}, {args.workers} workers")
