@@ -14,7 +14,7 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
           rank: int = 0,
           world_size: int = 1, workers: int = 4, shuffle_buffer: int = 4096, seed: int = 0, fp16: bool = False,
           channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5), raw: bool = False,
-          position: dict | None = None):
+          position: dict | None = None, segments: int = 1):
     """A loader yielding (images, labels, keys) on `device`, keys being the samples' ids.
 
     backend: "dali" (nvJPEG on the GPU, or DALI's CPU mode when device is the CPU), "cpu"
@@ -31,6 +31,11 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
     workers, for benchmarks and custom pipelines: not normalised, and in training (without
     scale jitter) not resized, S is then the crop's window side (loaders.cpu.ShardSamples);
     loaders.common.normalise(..., size=crop) finishes them.
+    segments: K > 1 makes a sample a video, seen through K frames, one from each of K equal
+    segments of its packed samples (TSN; loaders.plan.Segments): a random place in each in
+    training, the centre in eval; the K frames share one crop, scale and flip. A batch is
+    then batch_size videos: B x K images (a video's K one after the other), their B x K
+    keys, B labels. 1: a sample is a frame (the default).
     In training, a batch on the CPU (cpu backend) is valid until the next is asked for: its
     memory is reused, as DALI's PyTorch iterator reuses its own. Use it in the loop; clone
     it to keep it.
@@ -41,13 +46,16 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stream = open_stream(data, split, modality, flow_len)
+    if segments < 1:
+        raise ValueError(f"segments must be at least 1, not {segments}")
     if train:
-        check_fills_a_batch(stream, batch_size, world_size)
+        check_fills_a_batch(stream, batch_size, world_size, segments)
     if backend == "auto":
         backend = "dali" if device.type == "cuda" else "cpu"
     common = dict(stream=stream, train=train, batch_size=batch_size, crop=crop, resize_ratio=resize_ratio,
                   scale_jitter=scale_jitter, flip=flip, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
-                  seed=seed, fp16=fp16, channels_last=channels_last, crop_pos=crop_pos, position=position)
+                  seed=seed, fp16=fp16, channels_last=channels_last, crop_pos=crop_pos, position=position,
+                  segments=segments)
     if backend == "dali":
         if raw:
             raise ValueError("raw batches come from the cpu backend only")

@@ -32,6 +32,7 @@ class Stream:
     samples: int
     classes: list[str]
     shard_samples: list[int] | None = None  # samples in each shard, as the manifest says
+    video_samples: list[int] | None = None  # samples of each video, in the shards' order (video_info's)
     labelled: bool = True  # False for a split packed without labels (every cls -1)
     data: str = ""  # the DATA folder and split, for messages
     split: str = ""
@@ -88,14 +89,19 @@ def open_stream(data: str | Path, split: str, modality: str, flow_len: int | Non
     return Stream(tars=tars, indexes=indexes, modality=modality, flow_len=use_len if modality == "flow" else 1,
                   samples=sum(p["samples"] for p in pieces), classes=manifest["classes"],
                   shard_samples=[p["samples"] for p in pieces],
+                  video_samples=[v["samples"] for v in info["video_info"].values() if v["samples"]],
                   labelled=any(v["cls"] >= 0 for v in info["video_info"].values()), data=str(data), split=split)
 
 
-def check_fills_a_batch(stream: Stream, batch_size: int, world_size: int = 1) -> None:
-    """Training drops what does not fill a batch: a split that cannot fill one would train for ever without a step."""
-    if stream.samples // world_size < batch_size:
-        per_rank = f" ({stream.samples // world_size} for each of {world_size} processes)" if world_size > 1 else ""
-        raise ValueError(f"{stream.modality} has {stream.samples} training samples{per_rank}: not one full batch of "
+def check_fills_a_batch(stream: Stream, batch_size: int, world_size: int = 1, segments: int = 1) -> None:
+    """Training drops what does not fill a batch: a split that cannot fill one would train for ever without a step.
+
+    segments > 1: a batch is of videos (their K frames each).
+    """
+    what, count = ("videos", len(stream.video_samples)) if segments > 1 else ("samples", stream.samples)
+    if count // world_size < batch_size:
+        per_rank = f" ({count // world_size} for each of {world_size} processes)" if world_size > 1 else ""
+        raise ValueError(f"{stream.modality} has {count} training {what}{per_rank}: not one full batch of "
                          f"{batch_size}; lower the batch size or pack more videos")
 
 

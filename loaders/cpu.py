@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from pack.workers import die_with_parent, opencv_threads_stopped
 
 from .common import Loss, Stream, add_loss, merge_losses, normalise, normalised_shape, parse_label, warn_losses
-from .plan import Lost, Planner, ShardReader, draws
+from .plan import Lost, Planner, Segments, ShardReader, rows
 
 try:
     from ._jpeg_region import decode_region
@@ -177,10 +177,12 @@ class ShardSamples(Dataset):
     copy on the way to the main process); normalise_as: normalise there too (CPU training).
     tags: where workers and consumer share which reused batches are held (training: the
     batches that leave a worker, uint8 or normalised, are reused).
-    A task (turn, epoch, first, sample ids) gives (images or None, labels, keys, tag index or
+    A task (turn, epoch, first, plan entries) gives (images or None, labels, keys, tag index or
     -1 for a batch that is not reused, Loss records, each row's place in the plan): what could
     not be read or decoded is left out and counted (one Loss a shard, in samples), so the
-    batch may be short; CpuLoader pools short ones in order and knows where it is.
+    batch may be short; CpuLoader pools short ones in order and knows where it is. With
+    segments an entry is a video, its K frames K rows (a row a frame, labels included); a
+    video with a frame that cannot be given is left out whole.
     where: shared bytes, WHERE_BYTES a worker, naming the shard and sample each worker is on
     (CpuLoader's report when a worker dies).
 
@@ -193,40 +195,34 @@ class ShardSamples(Dataset):
 
     def __init__(self, stream: Stream, train: bool, crop: int, resize_ratio: float, scale_jitter, flip: bool,
                  seed: int, crop_pos: tuple[float, float], batch_size: int, side: int, normalise_as: tuple | None,
-                 tags, where):
+                 tags, where, segments: Segments | None = None):
         self.stream, self.train, self.crop, self.resize_ratio = stream, train, crop, resize_ratio
         self.scale_jitter, self.flip, self.seed, self.crop_pos = scale_jitter, flip, seed, crop_pos
         self.batch_size, self.side, self.normalise_as, self.tags, self.where = batch_size, side, normalise_as, tags, where
+        self.segments = segments
         self._reader = None  # this process's ShardReader (made where it is used: mapped files stay in their process)
         self._ring = None  # this worker's SharedBatches (training: the batches that leave the worker)
         self._staging = None  # this worker's uint8 batch to normalise from (normalised batches leave)
 
     def __getitem__(self, task):
-        turn, epoch, first, ids = task
+        turn, epoch, first, entries = task
         info = get_worker_info()
         if self._reader is None:
             self._reader = ShardReader(self.stream)
         images, slot = self._new_batch(info, turn)
-        rows = images.numpy()
+        out = images.numpy()
         labels, keys, places, losses = [], [], [], {}
-        planned = (draws(self.seed, epoch, ids, self.scale_jitter, self.flip).tolist() if self.train
-                   else [None] * len(ids))
-        for place, sample_id, augmentation in zip(range(first, first + len(ids)), ids.tolist(), planned):
-            try:
-                sample = self._reader.read(sample_id)
-            except Lost as e:
-                add_loss(losses, e.shard, e.key, 1, str(e))
-                continue
-            if info is not None:
-                _say_where(self.where, info.id, f"{sample['__url__']} sample {sample['__key__']}")
-            try:  # a bad sample leaves its row half-written: the next one overwrites it
-                label = self._augment(sample, augmentation, rows[len(labels)])
-            except Exception as e:  # a corrupt JPEG, a bad label
-                add_loss(losses, sample["__url__"], sample["__key__"], 1, str(e))
-                continue
-            labels.append(label)
-            keys.append(sample["__key__"])
-            places.append(place)
+        k = self.segments.k if self.segments else 1
+        ids, planned = rows(self.seed, epoch, entries, self.train, self.scale_jitter, self.flip, self.segments)
+        ids, planned = ids.tolist(), planned.tolist() if planned is not None else [None] * len(ids)
+        for unit, place in enumerate(range(first, first + len(entries))):
+            # a bad sample leaves its rows half-written: the next entry's overwrite them
+            done = self._unit(ids[unit * k:unit * k + k], planned[unit * k:unit * k + k], out[len(labels):], losses,
+                              info)
+            if done is not None:
+                labels += done[0]
+                keys += done[1]
+                places += [place] * k
         if info is not None:
             _say_where(self.where, info.id, "waiting for its next batch")
         if not labels:  # nothing of this task could be read
@@ -235,6 +231,26 @@ class ShardSamples(Dataset):
             return None, None, keys, -1, list(losses.values()), places
         images, slot = self._finish(images[:len(labels)], slot, info, turn)
         return images, torch.tensor(labels, dtype=torch.long), keys, slot, list(losses.values()), places
+
+    def _unit(self, ids: list[int], planned: list, out: np.ndarray, losses: dict, info) -> tuple | None:
+        """One plan entry's samples (a frame, or a video's K) decoded into out's first rows: (labels, keys), or None
+        if one cannot be given (counted; a video is then left out whole)."""
+        labels, keys = [], []
+        for sample_id, augmentation, row in zip(ids, planned, out):
+            try:
+                sample = self._reader.read(sample_id)
+            except Lost as e:
+                add_loss(losses, e.shard, e.key, 1, str(e))
+                return None
+            if info is not None:
+                _say_where(self.where, info.id, f"{sample['__url__']} sample {sample['__key__']}")
+            try:
+                labels.append(self._augment(sample, augmentation, row))
+            except Exception as e:  # a corrupt JPEG, a bad label
+                add_loss(losses, sample["__url__"], sample["__key__"], 1, str(e))
+                return None
+            keys.append(sample["__key__"])
+        return labels, keys
 
     def _augment(self, sample: dict, augmentation: tuple | None, out: np.ndarray) -> int:
         """Decode and augment one sample into out (images x side x side x 3); its label.
@@ -320,11 +336,11 @@ class CpuLoader:
                  scale_jitter: tuple | None = None, flip: bool = True, device: str | torch.device = "cpu", rank: int = 0,
                  world_size: int = 1, num_workers: int = 2, shuffle_buffer: int = 4096, seed: int = 0,
                  fp16: bool = False, channels_last: bool = False, crop_pos: tuple[float, float] = (0.5, 0.5),
-                 raw: bool = False, position: dict | None = None):
+                 raw: bool = False, position: dict | None = None, segments: int = 1):
         self.stream, self.train, self.device, self.crop = stream, train, torch.device(device), crop
         self.dtype = torch.float16 if fp16 else torch.float32
         self.channels_last = channels_last
-        self.planner = Planner(stream, train, seed, rank, world_size, batch_size, shuffle_buffer)
+        self.planner = Planner(stream, train, seed, rank, world_size, batch_size, shuffle_buffer, segments)
         if position is not None:
             self.planner.load_state(position)
         context = mp.get_context("forkserver" if torch.cuda.is_initialized() else "fork")
@@ -338,10 +354,11 @@ class CpuLoader:
         self.on_cpu, self.raw = self.device.type == "cpu", raw
         in_workers = self.on_cpu and not raw
         windows = train and not scale_jitter and not in_workers
-        self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, flip, seed, crop_pos, batch_size,
+        self.dataset = ShardSamples(stream, train, crop, resize_ratio, scale_jitter, flip, seed, crop_pos,
+                                    batch_size * self.planner.frames_per_entry,
                                     window_side(stream, crop, crop * resize_ratio) if windows else crop,
                                     normalise_as=(stream, self.dtype, channels_last) if in_workers else None,
-                                    tags=self._tags, where=self._where)
+                                    tags=self._tags, where=self._where, segments=self.planner.segments)
         self.batch_size = batch_size
         self._tasks = Tasks()  # this pass's slices of the plan, for the DataLoader to hand out
         self.loader = DataLoader(  # batch_size=None: a task is a batch, made by the worker
@@ -366,9 +383,13 @@ class CpuLoader:
         return self.planner.state()
 
     def __iter__(self):
-        """Batches of this epoch. A training batch on the CPU (and a raw one) is valid until the next is asked for."""
+        """Batches of this epoch. A training batch on the CPU (and a raw one) is valid until the next is asked for.
+
+        With segments a batch is of batch_size videos: their K frames each, video after video
+        (B x K images, their keys), and one label a video.
+        """
         epoch_losses: dict[str, Loss] = {}  # this pass's, one record a shard
-        turn, epoch, size = self._turn, self.planner.epoch, self.batch_size
+        turn, epoch, size, k = self._turn, self.planner.epoch, self.batch_size, self.planner.frames_per_entry
         tag = turn + 1  # what SharedBatches.take tags this pass's batches with
         self._turn += 1
         plan = self.planner.plan(epoch)
@@ -387,12 +408,12 @@ class CpuLoader:
                 held = -1
                 if images is None:
                     continue
-                if self.train and (carry or len(labels) < size):
+                if self.train and (carry or len(labels) < size * k):
                     carry.append((images.clone(), labels, keys, places))  # copied: its reused batch is free again
                     self._free(slot, tag)
-                    if sum(len(part[1]) for part in carry) < size:
+                    if sum(len(part[1]) for part in carry) < size * k:
                         continue
-                    images, labels, keys, places, carry = _pool(carry, size)
+                    images, labels, keys, places, carry = _pool(carry, size * k)
                 elif not self.loader.pin_memory:  # with pin memory, the pinning thread copied it: free already
                     held = slot
                 else:
@@ -402,7 +423,7 @@ class CpuLoader:
                 images = images.to(self.device, non_blocking=True)
                 if not (self.on_cpu or self.raw):  # uint8 crossed the bus; the device normalises
                     images = normalise(images, self.stream, self.dtype, self.channels_last, size=self.crop)
-                yield images, labels.to(self.device, non_blocking=True), keys
+                yield images, labels[::k].to(self.device, non_blocking=True), keys
             if self.train:  # what is left does not fill a batch: the next epoch begins
                 self.planner.epoch, self.planner.served = epoch + 1, 0
         finally:

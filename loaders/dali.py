@@ -32,7 +32,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .common import Loss, Stream, add_loss, merge_losses, parse_label, warn_losses
-from .plan import Lost, Planner, ShardReader, draws
+from .plan import Lost, Planner, ShardReader
 
 try:
     from . import _crash_hint
@@ -99,6 +99,8 @@ class PlannedSource:
     Training runs on across epochs (an epoch's end is a mark in `fed`; what is left there
     does not fill a batch and is dropped, as the CPU loader drops it), so DALI never sees an
     epoch that gives no batch; eval ends its pass with StopIteration, the last batch partial.
+    With segments a plan's entry is a video: its K frames are K rows, one after the other; a
+    video with a frame that cannot be read is left out whole.
     """
 
     def __init__(self, planner: Planner, train: bool, scale_jitter: tuple | None, flip: bool):
@@ -109,20 +111,25 @@ class PlannedSource:
         self.fed = collections.deque()  # (epoch, plan samples served after the batch or None at its end, keys, losses)
 
     def __call__(self):
-        size, ends = self.planner.batch_size, 0
+        k = self.planner.frames_per_entry
+        size, ends = self.planner.batch_size * k, 0
         rows, keys, losses = [], [], {}
         while len(rows) < size:
             plan = self.planner.plan(self.epoch)
             if self.next < len(plan):
-                chunk = plan[self.next:self.next + size - len(rows)]  # as many as the batch lacks
+                chunk = plan[self.next:self.next + (size - len(rows)) // k]  # as many as the batch lacks
                 self.next += len(chunk)
-                planned = (draws(self.planner.seed, self.epoch, chunk, self.scale_jitter, self.flip) if self.train
-                           else [None] * len(chunk))
-                for sample_id, augmentation in zip(chunk.tolist(), planned):
-                    row = self._row(sample_id, augmentation, losses)
-                    if row is not None:
-                        keys.append(row[3])
-                        rows.append(row)
+                ids, planned = self.planner.rows(self.epoch, chunk, self.scale_jitter, self.flip)
+                planned = planned if planned is not None else [None] * len(ids)
+                for unit in range(0, len(ids), k):
+                    video = []
+                    for sample_id, augmentation in zip(ids[unit:unit + k].tolist(), planned[unit:unit + k]):
+                        video.append(self._row(sample_id, augmentation, losses))
+                        if video[-1] is None:
+                            break
+                    if video[-1] is not None:
+                        keys += [row[3] for row in video]
+                        rows += video
                 continue
             if not self.train:
                 break
@@ -169,6 +176,9 @@ class PlannedSource:
 class DaliLoader:
     """Iterates (images NCHW, labels int64, keys) on the pipeline's device, one epoch per pass, executing the plan.
 
+    With segments a batch is of batch_size videos: their K frames each, video after video (B x K
+    images, their keys), and one label a video.
+
     `position()` says where training is; a loader made with a position goes on from there.
     """
 
@@ -176,16 +186,17 @@ class DaliLoader:
                  scale_jitter: tuple | None = None, flip: bool = True, device: str = "gpu",
                  device_id: int | None = 0, rank: int = 0, world_size: int = 1, num_threads: int = 4,
                  shuffle_buffer: int = 4096, seed: int = 0, fp16: bool = False, channels_last: bool = False,
-                 prefetch: int = 2, crop_pos: tuple[float, float] = (0.5, 0.5), position: dict | None = None):
+                 prefetch: int = 2, crop_pos: tuple[float, float] = (0.5, 0.5), position: dict | None = None,
+                 segments: int = 1):
         self.stream, self.train, self.channels_last, self.batch_size = stream, train, channels_last, batch_size
-        self.planner = Planner(stream, train, seed, rank, world_size, batch_size, shuffle_buffer)
+        self.planner = Planner(stream, train, seed, rank, world_size, batch_size, shuffle_buffer, segments)
         if position is not None:
             self.planner.load_state(position)
         self._arm_crash_report(stream)
         self._augmentation = (scale_jitter, flip)
         pipeline = train_pipeline if train else functools.partial(eval_pipeline, crop_pos=crop_pos)
         self._pipeline = functools.partial(
-            pipeline, batch_size=batch_size, num_threads=num_threads, prefetch_queue_depth=prefetch,
+            pipeline, batch_size=batch_size * self.planner.frames_per_entry, num_threads=num_threads, prefetch_queue_depth=prefetch,
             device_id=device_id if device == "gpu" else None, stream=stream, device=device, crop=crop,
             resize_shorter=crop * resize_ratio, fp16=fp16, channels_last=channels_last)
         self.losses: list[Loss] = []
@@ -286,4 +297,5 @@ class DaliLoader:
         images = batch["images"]
         if self.channels_last:  # NHWC buffer == NCHW tensor in channels-last memory format
             images = images.permute(0, 3, 1, 2)
-        return images, batch["labels"].view(-1).to(images.device, non_blocking=True), keys
+        labels = batch["labels"].view(-1)[::self.planner.frames_per_entry]  # segments: one a video
+        return images, labels.to(images.device, non_blocking=True), keys

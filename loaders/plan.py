@@ -8,6 +8,10 @@ draws; and the CPU loader and DALI draw the same samples in the same order.
 A sample is named by its place in the stream, `id` (shard after shard, as the manifest
 lists them); a loader's position is (epoch, how many of its plan's samples it has served).
 Going to a position reads nothing: the shards' indexes say where each sample lies.
+
+With segments (TSN, `train.py --segments K`) a plan's entry is a video instead of a sample:
+its K frames (Segments) and its one crop, scale and flip come from the same hash, of (seed,
+epoch, video); everything else holds as with samples.
 """
 from __future__ import annotations
 
@@ -60,12 +64,67 @@ def draws(seed: int, epoch: int, samples: np.ndarray, scale_jitter: tuple[float,
     Fixed by the seed, the epoch and each sample's id alone: a counter-based hash
     (splitmix64) of them, so any samples' draws come at once, in any order, anywhere.
     """
+    return _augmentation(uniform(seed, epoch, samples, 4), scale_jitter, flip)
+
+
+def uniform(seed: int, epoch: int, ids: np.ndarray, n: int) -> np.ndarray:
+    """n numbers in [0, 1) for each id (a row each), from the counter-based hash of (seed, epoch, id, 0..n-1)."""
     with np.errstate(over="ignore"):
         base = _mix(np.array([_mix(np.array([seed & MASK], np.uint64))[0] ^ np.uint64(epoch & MASK)], np.uint64))[0]
-        counters = np.asarray(samples, np.uint64)[:, None] * np.uint64(4) + np.arange(4, dtype=np.uint64)
-        u = (_mix(base + counters * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)) * 2.0 ** -53
+        counters = np.asarray(ids, np.uint64)[:, None] * np.uint64(n) + np.arange(n, dtype=np.uint64)
+        return (_mix(base + counters * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)) * 2.0 ** -53
+
+
+def _augmentation(u: np.ndarray, scale_jitter: tuple[float, float] | None, flip: bool) -> np.ndarray:
     lo, hi = scale_jitter or (1.0, 1.0)
     return np.stack([lo + u[:, 0] * (hi - lo), u[:, 1], u[:, 2], (u[:, 3] < 0.5) & flip], axis=1)
+
+
+class Segments:
+    """TSN's sampling: a video's K frames, one from each of K equal segments of its packed samples.
+
+    Training draws a place in each segment (MMAction2's SampleFrames, TSN), eval takes each
+    segment's centre (K evenly spaced frames: TSN tests with 25). A video of fewer than K
+    samples has segments shorter than a sample: some of its samples come more than once
+    (repetition, as TSN and MMAction2 do). Videos are named by their place in the stream
+    (the manifest's video_info order, which is the shards' order).
+    """
+
+    def __init__(self, k: int, video_samples: list[int]):
+        self.k = k
+        self.lengths = np.asarray(video_samples, np.int64)
+        self.starts = np.cumsum(np.concatenate([[0], self.lengths[:-1]])).astype(np.int64)
+
+    def shard_videos(self, shard_samples: list[int]) -> list[int]:
+        """Videos a shard holds (counted in the shard of their first sample): the units epoch_order shuffles."""
+        bounds = np.cumsum([0] + list(shard_samples))
+        shards = np.searchsorted(bounds, self.starts, side="right") - 1
+        return np.bincount(shards, minlength=len(shard_samples)).tolist()
+
+    def frames(self, videos: np.ndarray, places: np.ndarray | None = None) -> np.ndarray:
+        """The sample ids of the videos' K frames, video after video; places (videos x K, in 0..1): where in each
+        segment (None: its centre)."""
+        videos = np.asarray(videos, np.int64)
+        if places is None:
+            places = np.full((len(videos), self.k), 0.5)
+        n = self.lengths[videos][:, None]
+        offsets = np.floor((np.arange(self.k) + places) * n / self.k).astype(np.int64)
+        return (self.starts[videos][:, None] + np.minimum(offsets, n - 1)).reshape(-1)
+
+
+def rows(seed: int, epoch: int, entries: np.ndarray, train: bool, scale_jitter: tuple[float, float] | None,
+         flip: bool, segments: Segments | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The sample ids of plan entries, in the order a batch holds them, and their augmentation rows (None in eval).
+
+    Frames (no segments): the entries themselves, draws() each. Segments: K frames a video,
+    the video's K rows sharing its one crop, scale and flip, all from the hash of (seed, epoch, video).
+    """
+    if segments is None:
+        return entries, (draws(seed, epoch, entries, scale_jitter, flip) if train else None)
+    if not train:
+        return segments.frames(entries), None
+    u = uniform(seed, epoch, entries, 4 + segments.k)
+    return segments.frames(entries, u[:, 4:]), np.repeat(_augmentation(u[:, :4], scale_jitter, flip), segments.k, 0)
 
 
 MASK = 2 ** 64 - 1
@@ -152,37 +211,57 @@ class Planner:
     """A loader's plans and position: which samples each epoch serves, in which order, and where it is."""
 
     def __init__(self, stream: Stream, train: bool, seed: int, rank: int, world_size: int, batch_size: int,
-                 shuffle_buffer: int):
+                 shuffle_buffer: int, segments: int = 1):
         self.stream, self.train, self.seed, self.rank, self.world_size = stream, train, seed, rank, world_size
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
-        self.epoch, self.served = 0, 0  # the position: the next sample to serve is plan(epoch)[served]
+        # segments > 1: a plan's entry is a video (its K frames), else a sample
+        self.segments = Segments(segments, stream.video_samples) if segments > 1 else None
+        self.epoch, self.served = 0, 0  # the position: the next entry to serve is plan(epoch)[served]
         self._plans: dict[int, np.ndarray] = {}
 
+    @property
+    def frames_per_entry(self) -> int:
+        """Rows of a batch per plan entry: K with segments, else 1."""
+        return self.segments.k if self.segments else 1
+
+    @property
+    def entries(self) -> int:
+        """What a plan's epoch holds: samples, or videos with segments."""
+        return len(self.segments.lengths) if self.segments else self.stream.samples
+
     def plan(self, epoch: int) -> np.ndarray:
-        """This rank's sample ids of `epoch`, in order."""
+        """This rank's sample ids (or video numbers, with segments) of `epoch`, in order."""
         if epoch not in self._plans:
-            order = epoch_order(self.stream.shard_samples, self.seed, epoch, self.train, self.shuffle_buffer)
+            units = (self.segments.shard_videos(self.stream.shard_samples) if self.segments
+                     else self.stream.shard_samples)
+            order = epoch_order(units, self.seed, epoch, self.train, self.shuffle_buffer)
             self._plans = {epoch: rank_plan(order, self.rank, self.world_size, self.train)}
         return self._plans[epoch]
 
+    def rows(self, epoch: int, entries: np.ndarray, scale_jitter: tuple[float, float] | None,
+             flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """rows() of some of this planner's entries of `epoch`."""
+        return rows(self.seed, epoch, entries, self.train, scale_jitter, flip, self.segments)
+
     def batches(self) -> int:
         """Batches in an epoch: the full ones in training, all (the last partial) in eval; fewer if samples are lost."""
-        n = self.stream.samples // self.world_size if self.train else len(range(self.rank, self.stream.samples,
-                                                                                  self.world_size))
+        n = self.entries // self.world_size if self.train else len(range(self.rank, self.entries, self.world_size))
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def state(self) -> dict:
         """The position, and what makes the plans and their batches (what a resume must match)."""
         return {"epoch": self.epoch, "served": self.served, "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer, "samples": self.stream.samples}
+                "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer, "samples": self.stream.samples,
+                "segments": self.frames_per_entry}
 
     def load_state(self, state: dict) -> None:
         """Go on from a saved position; ValueError naming what differs if these plans are not the saved ones."""
         mine = self.state()
         if not isinstance(state.get("epoch"), int) or not isinstance(state.get("served"), int):
             raise ValueError(f"its loader position {state!r} is not one this version writes")
-        differ = [f"{name} {state.get(name)} then, {mine[name]} now" for name in mine
-                  if name not in ("epoch", "served") and state.get(name) != mine[name]]
+        then = {"segments": 1, **state}  # positions written before segments were of frames
+        differ = [f"{name} {then.get(name)} then, {mine[name]} now" for name in mine
+                  if name not in ("epoch", "served") and then.get(name) != mine[name]]
         if differ:
             raise ValueError("its batches would differ from the run's (" + "; ".join(differ) + ")")
         self.epoch, self.served = state["epoch"], state["served"]
