@@ -38,6 +38,22 @@ from training.step import TrainStep, graph_decision, set_bn_eval
 MIN_LOSS_SCALE = 1.0
 
 
+def at_least_one(text: str) -> int:
+    """argparse type of a count of at least 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a number >= 1")
+    return n
+
+
+def probability(text: str) -> float:
+    """argparse type of a dropout probability, 0 <= p < 1."""
+    p = float(text)
+    if not 0 <= p < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a probability from 0 up to (not including) 1")
+    return p
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
@@ -52,6 +68,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-flip", action="store_true", default=None,
                    help="no horizontal mirroring in training, for classes where left and right differ (recorded "
                         "in the checkpoint: score.py and predict.py then refuse mirrored test-time views)")
+    g.add_argument("--segments", type=at_least_one, metavar="K",
+                   help="TSN's segment sampling: a training sample is a video, seen through K frames, one from each "
+                        "of K equal segments of its packed samples (a random place in each; the centre in "
+                        "validation), sharing one crop, scale and flip; the loss is taken on the mean of its K "
+                        "logits, and --batch-size counts videos (B x K images a step). Videos of fewer than K "
+                        "samples repeat some. Default 1: a sample is a frame (a resumed run keeps its own)")
     g.add_argument("--synthetic-data", action="store_true", help="random tensors on the device instead of data: the model-only ceiling")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=nets.ARCHS, help="backbone (default: inception_v3, or --init's)")
@@ -65,8 +87,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="--init from a stream whose inputs were packed with other parameters (flow method, bound, "
                         "short side) than this data's: recorded in the checkpoint")
     g.add_argument("--freeze-bn", action="store_true", help="batch-norm layers in eval mode (statistics frozen), as the original")
+    g.add_argument("--partial-bn", action="store_true", default=None,
+                   help="every batch-norm layer in eval mode (statistics frozen) but the first, as TSN trains")
+    g.add_argument("--dropout", type=probability, metavar="P",
+                   help="dropout probability just before the classifier, in training (TSN: 0.8 for RGB, 0.7 for "
+                        "flow; default: the architecture's own, 0.5 for inception_v3 and vgg16_bn, none for resnets)")
     g = p.add_argument_group("optimisation (SGD as the original: biases at 2x lr, no decay)")
-    g.add_argument("--batch-size", type=int, default=64, help="samples per iteration on each GPU")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="samples per iteration on each GPU: frames, or videos with --segments K (B x K images)")
     g.add_argument("--lr", type=float, default=0.001, help="base learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on biases or norms)")
@@ -141,11 +169,13 @@ def check_before_work(args, world: int) -> list[str]:
                          f"--save-dir")
     if args.init and args.pretrained:
         raise SystemExit("error: --init already gives the starting weights; drop --pretrained")
+    if args.freeze_bn and args.partial_bn:
+        raise SystemExit("error: --freeze-bn freezes every batch-norm layer, --partial-bn all but the first; give one")
     try:
         stream = open_stream(args.data, args.train_split, args.modality, args.flow_len)
         streams = [stream] + ([open_stream(args.data, args.val_split, args.modality, args.flow_len)] if args.val_split else [])
         if not args.synthetic_data:
-            check_fills_a_batch(stream, args.batch_size, world)
+            check_fills_a_batch(stream, args.batch_size, world, args.segments or 1)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {args.data}/{args.train_split}: {e}") from None
     for s in streams:
@@ -171,7 +201,8 @@ def build_loaders(args, run: Run, stream, rank: int, world: int, device: torch.d
     if args.synthetic_data:
         return synthetic_batches(args, stream.channels, len(run.classes), device), None, None
     common = dict(crop=args.input_size, backend=args.backend, device=device, flow_len=stream.flow_len, rank=rank,
-                  world_size=world, workers=args.workers, fp16=dtype == torch.float16, channels_last=args.channels_last)
+                  world_size=world, workers=args.workers, fp16=dtype == torch.float16, channels_last=args.channels_last,
+                  segments=args.segments)
     # The data order is planned from the seed (loaders.plan): a resumed run goes on from its position.
     position = run.mine["loader"] if run.mine else None
     try:
@@ -205,7 +236,7 @@ def forever(loader):
 
 def synthetic_batches(args, channels: int, classes: int, device: torch.device):
     """Random tensors made once on the device: measures the model alone."""
-    images = torch.randn(args.batch_size, channels, args.input_size, args.input_size, device=device)
+    images = torch.randn(args.batch_size * args.segments, channels, args.input_size, args.input_size, device=device)
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, classes, (args.batch_size,), device=device)
@@ -335,9 +366,9 @@ def train(args, run: Run, step, batches, train_loader, val_loader, logger: Logge
             window.reset(done)
         is_best = False
         if validate:
-            metrics = evaluate(run.model, val_loader, args.val_batches, dtype, device, world)
-            if args.freeze_bn:
-                set_bn_eval(run.model)
+            metrics = evaluate(run.model, val_loader, args.val_batches, dtype, device, world, args.segments)
+            if args.freeze_bn or args.partial_bn:
+                set_bn_eval(run.model, but_first=args.partial_bn)
             run.history["val"].append((done, metrics))
             is_best = metrics["top1"] > run.best
             run.best = max(run.best, metrics["top1"])
@@ -356,15 +387,18 @@ def train(args, run: Run, step, batches, train_loader, val_loader, logger: Logge
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, batches: int, dtype, device: torch.device, world: int) -> dict:
-    """Frame top-1, top-3 and loss over the first `batches` batches (a fixed subset); a non-finite row counts as wrong."""
+def evaluate(model: nn.Module, loader, batches: int, dtype, device: torch.device, world: int, segments: int = 1) -> dict:
+    """Top-1, top-3 and loss over the first `batches` batches (a fixed subset); a non-finite row counts as wrong.
+
+    Of frames; with segments K > 1 of videos, each scored by the mean of its K frames' logits (as trained).
+    """
     model.eval()
     totals = torch.zeros(5, device=device, dtype=torch.float64)  # loss sum, top1, top3, count, non-finite rows
     for i, (images, labels, _) in enumerate(loader):
         if i >= batches:
             break
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(images)
+            logits = nets.consensus(model(images), segments)
         logits = logits.float()
         finite = torch.isfinite(logits).all(1)
         top = logits.topk(min(3, logits.shape[1]), dim=1).indices
@@ -378,7 +412,23 @@ def evaluate(model: nn.Module, loader, batches: int, dtype, device: torch.device
     loss, top1, top3, n, non_finite = totals.tolist()
     model.train()
     return {"loss": loss / max(n - non_finite, 1), "top1": top1 / max(n, 1), "top3": top3 / max(n, 1),
-            "samples": int(n), "non_finite": int(non_finite)}
+            "samples": int(n), "non_finite": int(non_finite), **({"segments": segments} if segments > 1 else {})}
+
+
+def batch_words(args) -> str:
+    """What a batch is, for the log: frames, or videos of K frames (--segments)."""
+    if args.segments == 1:
+        return f"{args.batch_size} frames"
+    return f"{args.batch_size} videos x {args.segments} segments = {args.batch_size * args.segments} images"
+
+
+def segments_note(args, stream) -> str:
+    """The log's line on --segments K: the sampling, and the videos whose frames repeat (fewer than K samples)."""
+    short = sum(n < args.segments for n in stream.video_samples)
+    return (f"segments: each video seen through {args.segments} frames, one from each of {args.segments} equal "
+            f"segments of its samples (validation: their centres), its {args.segments} logits averaged"
+            + (f"; {short} of {len(stream.video_samples)} training videos have fewer than {args.segments} samples: "
+               f"some of their frames repeat" if short else ""))
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -404,17 +454,19 @@ def main(args: argparse.Namespace) -> dict:
             model = torch.compile(model)
         batches, train_loader, val_loader = build_loaders(args, run, stream, rank, world, device, dtype)
         logger.line(f"training {args.arch} on {args.modality} ({stream.channels} channels, {len(classes)} classes), "
-                    f"{world} process(es) on {device}, amp {dtype}, batch {args.batch_size}, "
+                    f"{world} process(es) on {device}, amp {dtype}, batch {batch_words(args)}, "
                     f"iterations {run.start}..{args.max_iterations}")
+        if args.segments > 1:
+            logger.line(segments_note(args, stream))
         logger.line(f"CUDA graph {graph_note}")
         logger.line(f"arguments: {json_text(plain_args(args), indent=None)}")
         logger.start(run.start)
         run.model.train()
-        if args.freeze_bn:
-            set_bn_eval(run.model)
+        if args.freeze_bn or args.partial_bn:
+            set_bn_eval(run.model, but_first=args.partial_bn)
         with StopRequest().installed() as stop:
             step = TrainStep(model, run.optimizer, run.scaler, dtype, graphed, strict=args.cuda_graph == "on",
-                             log=logger.line)
+                             log=logger.line, segments=args.segments)
             summary = train(args, run, step, batches, train_loader, val_loader, logger, stop, world, device, dtype)
         summary["skipped_samples"] = getattr(train_loader, "skipped", 0)
         if rank == 0:

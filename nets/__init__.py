@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import functools
 import operator
 from pathlib import Path
 
@@ -17,6 +18,8 @@ ARCHS = ("inception_v3", "resnet18", "resnet50", "resnet101", "vgg16_bn")
 FIRST_CONV = {"inception_v3": "Conv2d_1a_3x3.conv", "vgg16_bn": "features.0"}
 CLASSIFIERS = {"inception_v3": ["fc", "AuxLogits.fc"], "vgg16_bn": ["classifier.6"]}
 AUX_WEIGHT = 0.4  # InceptionV3's auxiliary head, in training
+# The dropout torchvision puts before an architecture's classifier (--dropout sets it; the others have none).
+DROPOUT = {"inception_v3": 0.5, "vgg16_bn": 0.5}
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:
@@ -118,6 +121,35 @@ def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
 def classifier_keys(arch: str) -> list[str]:
     """The state-dict keys of an architecture's classifier layers (made anew for another class list)."""
     return [f"{path}.{p}" for path in CLASSIFIERS.get(arch, ["fc"]) for p in ("weight", "bias")]
+
+
+def set_dropout(model: nn.Module, arch: str, p: float) -> None:
+    """The dropout just before the classifier at probability p (TSN: 0.8 for RGB, 0.7 for flow); no weight changes.
+
+    InceptionV3 and VGG have one there (torchvision's 0.5): its p is set. The ResNets have
+    none: the classifier's input is dropped out in training (a hook, not a layer, so the
+    state dict, --init and score.py are unchanged).
+    """
+    if arch == "inception_v3":
+        model.dropout.p = p
+    elif arch == "vgg16_bn":
+        model.classifier[5].p = p
+    elif p:
+        _get(model, CLASSIFIERS.get(arch, ["fc"])[0]).register_forward_pre_hook(functools.partial(_dropout, p))
+
+
+def _dropout(p: float, module: nn.Module, inputs: tuple) -> tuple:
+    return (nn.functional.dropout(inputs[0], p, module.training),)
+
+
+def consensus(outputs, k: int):
+    """TSN's segmental consensus: the mean of each video's K logits (its rows b*K .. b*K+K-1), of InceptionV3's
+    auxiliary head's likewise; k = 1: the outputs as they are."""
+    if k == 1:
+        return outputs
+    if isinstance(outputs, torchvision.models.InceptionOutputs):
+        return torchvision.models.InceptionOutputs(consensus(outputs.logits, k), consensus(outputs.aux_logits, k))
+    return outputs.unflatten(0, (-1, k)).mean(1)
 
 
 def loss_fn(outputs, labels: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ from pack.manifest import load_manifest, params_differ, split_identity
 from .checkpoints import load_checkpoint, read_checkpoint
 
 
-# The model's shape: a resumed run keeps its checkpoint's (a flag given anyway must agree).
-MODEL_FLAGS = {"arch": "inception_v3", "modality": None, "input_size": 299, "flow_len": None, "no_flip": False}
+# The model's shape and what a sample is: a resumed run keeps its checkpoint's (a flag given anyway must agree).
+MODEL_FLAGS = {"arch": "inception_v3", "modality": None, "input_size": 299, "flow_len": None, "no_flip": False,
+               "segments": 1, "partial_bn": False, "dropout": None}
 
 
 def param_groups(model: nn.Module, args) -> list[dict]:
@@ -104,6 +105,7 @@ def build_model(args, classes: list[str], flow_len: int, resumed: dict | None, i
     source = resumed or init
     model = nets.build(args.arch, len(classes), args.modality, flow_len, None if source else args.pretrained,
                        transform_input=nets.transform_input_of(source) if source else None)
+    nets.set_dropout(model, args.arch, args.dropout)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         return model, resumed.get("init")
@@ -184,6 +186,8 @@ class Run:
             log(f"--no-flip carried over from --init {args.init} (it was trained without mirroring)")
         if args.modality == "flow":
             args.flow_len = flow_len
+        if args.dropout is None:  # the architecture's own (recorded as a number)
+            args.dropout = nets.DROPOUT.get(args.arch, 0.0)
         self.args, self.classes, self.start = args, classes, resumed["iteration"] if resumed else 0
         torch.manual_seed(args.seed + self.start + rank)  # DDP: rank 0's initial weights are broadcast
         random.seed(args.seed + self.start + rank)

@@ -36,14 +36,17 @@ class TrainStep:
     graph is the fused kernel reading each group's learning rate from device memory,
     refreshed from the optimiser's before each replay: the schedule works as in eager mode.
     The loss returned is the graph's own output, overwritten by the next step.
+    segments K > 1: a batch is B videos of K images each (B x K rows, B labels); the loss is
+    taken on the consensus, the mean of each video's K logits (nets.consensus), in both modes.
     A capture that raises, or a first replay whose loss is not finite where the eager
     warm-up steps' were, falls back to eager steps (the state before that replay restored, the
     step redone), with one log line; with strict (--cuda-graph on) either is an error.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 dtype: torch.dtype | None, graphed: bool, warmup: int = 3, strict: bool = False, log=print):
-        self.model, self.optimizer, self.scaler, self.dtype = model, optimizer, scaler, dtype
+                 dtype: torch.dtype | None, graphed: bool, warmup: int = 3, strict: bool = False, log=print,
+                 segments: int = 1):
+        self.model, self.optimizer, self.scaler, self.dtype, self.segments = model, optimizer, scaler, dtype, segments
         self.graphed, self.warmup, self.steps, self.strict, self.log = graphed, warmup, 0, strict, log
         self.graph = self.side = None  # the graph, and the side stream it is captured on
         self.warmup_losses = []
@@ -52,7 +55,7 @@ class TrainStep:
         # No autocast cache: a graph must cast the weights in each replay, not reuse the capture's casts.
         with torch.autocast(images.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None,
                             cache_enabled=False):
-            loss = nets.loss_fn(self.model(images), labels)
+            loss = nets.loss_fn(nets.consensus(self.model(images), self.segments), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -129,7 +132,8 @@ class TrainStep:
                 group["lr"], group["fused"] = lr, fused
 
 
-def set_bn_eval(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+def set_bn_eval(model: nn.Module, but_first: bool = False) -> None:
+    """Batch-norm layers in eval mode (statistics frozen): all (--freeze-bn), or all but the first (--partial-bn, TSN)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms[1 if but_first else 0:]:
+        m.eval()
