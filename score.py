@@ -27,6 +27,7 @@ import loaders
 import metrics
 import nets
 from loaders.common import flip_batch, open_stream
+from loaders.plan import Segments
 from outputs import check_outputs, replaced_note
 from pack.files import atomic_write_json
 from pack.manifest import load_manifest, params_differ, split_identity
@@ -60,7 +61,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-json", type=Path, help="video predictions in Kinetics result JSON (default: OUT with .json)")
     p.add_argument("--tta", default="none", choices=list(TTA), help="test-time views averaged per frame")
     p.add_argument("--class-topk", type=metrics.class_topk_arg, default=0, help="video score per class = mean of its K best frame scores (0: mean of all frames)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch")
+    p.add_argument("--frames", type=positive_int, metavar="N",
+                   help="score N evenly spaced frames of each video (the centres of N equal segments of its packed "
+                        "samples: TSN's test protocol, 25), not every packed frame; a video of fewer than N samples "
+                        "is scored on all of them. Every output says which protocol ran")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch (videos with --frames)")
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "cpu"], help="loader backend")
     p.add_argument("--workers", type=int, default=4, help="loader workers")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
@@ -158,7 +163,8 @@ def view_sums(model, images: torch.Tensor, stream, flips: list[bool], dtype) -> 
 def frame_scores(model, ckpt: dict, args, device: torch.device, split: dict) -> tuple[dict, list]:
     """Softmax and logits per sample key, averaged over the test-time views; and what the loaders lost (by shard).
 
-    split: the manifest's entry of args.split (its video ids).
+    split: the manifest's entry of args.split (its video ids). --frames N: each video's N
+    evenly spaced frames (a frame planned twice, in a video of fewer than N samples, is scored once).
     """
     a = ckpt["args"]
     stream = open_stream(args.data, args.split, a["modality"], a["flow_len"])
@@ -169,18 +175,24 @@ def frame_scores(model, ckpt: dict, args, device: torch.device, split: dict) -> 
     for pos, flips in crop_positions(args.tta).items():
         loader = loaders.build(args.data, args.split, a["modality"], False, args.batch_size, crop=a["input_size"],
                                backend=args.backend, device=device, flow_len=a["flow_len"], workers=args.workers,
-                               crop_pos=pos)
+                               crop_pos=pos, segments=args.frames or 1)
+        seen = set()  # this view's keys: --frames repeats the frames of videos shorter than N
         for images, labels, keys in tqdm(loader, desc=f"view {pos}{' and mirrored' if True in flips else ''}",
                                          unit="batch"):
             logits, probs = view_sums(model, images, stream, flips, dtype)
+            labels = labels.repeat_interleave(len(keys) // max(len(labels), 1))  # --frames: one label a video
             for key, label, lg, pr in zip(keys, labels.tolist(), logits.cpu().numpy(), probs.cpu().numpy()):
+                if key in seen:
+                    continue
+                seen.add(key)
                 entry = sums.setdefault(key, [label, 0, 0.0, 0.0])
                 entry[1] += len(flips)
                 entry[2] = entry[2] + lg
                 entry[3] = entry[3] + pr
         losses.update({loss.shard: loss for loss in loader.losses})
     if not sums:
-        raise SystemExit(f"error: {args.data}/{args.split}: 0 of {split['samples']} samples could be read, nothing to "
+        raise SystemExit(f"error: {args.data}/{args.split}: 0 of {planned_samples(split, args.frames)} samples could "
+                         f"be read, nothing to "
                          f"score{lost_shards(list(losses.values()))}\n{VERIFY_HINT.format(data=args.data, split=args.split)}")
     uneven = [k for k, e in sums.items() if e[1] != len(views)]
     if uneven:
@@ -200,9 +212,23 @@ def video_ids_by_key(split: dict) -> dict[str, str]:
     return {info.get("key", vid): vid for vid, info in split["video_info"].items()}
 
 
-def coverage(frames: dict, split: dict) -> dict:
-    """What was scored against what the manifest lists: samples and videos, and whether that is all."""
-    c = {"samples": len(frames["keys"]), "of_samples": split["samples"],
+def planned_samples(split: dict, frames: int | None) -> int:
+    """The samples a protocol scores: every packed one, or each video's N evenly spaced ones (--frames N), once each."""
+    if not frames:
+        return split["samples"]
+    lengths = [v["samples"] for v in split["video_info"].values() if v["samples"]]
+    return int(sum(len(set(Segments(frames, [n]).frames([0]).tolist())) for n in lengths))
+
+
+def protocol(frames: int | None) -> str:
+    """Which frames of each video were scored, in words (printed, and in the score file's meta)."""
+    return f"{frames} evenly spaced frames a video (--frames {frames})" if frames else "every packed frame"
+
+
+def coverage(frames: dict, split: dict, of_samples: int | None = None) -> dict:
+    """What was scored against what the manifest lists (of_samples: what the protocol scores of it): samples and
+    videos, and whether that is all."""
+    c = {"samples": len(frames["keys"]), "of_samples": split["samples"] if of_samples is None else of_samples,
          "videos": len(set(frames["videos"].tolist())), "of_videos": len(split["video_info"])}
     c["partial"] = c["samples"] < c["of_samples"] or c["videos"] < c["of_videos"]
     c["partial_note"] = coverage_note(c)
@@ -279,7 +305,7 @@ def provenance(args, ckpt: dict, manifest: dict) -> dict:
     return {"checkpoint": str(args.checkpoint), "checkpoint_sha256": ckpt["file_sha256"],
             "iteration": ckpt["iteration"], "trained_on": ckpt.get("data"),
             "scored": split_identity(args.data, manifest, args.split), "data": str(args.data), "split": args.split,
-            "tta": args.tta, "class_topk": args.class_topk}
+            "tta": args.tta, "class_topk": args.class_topk, "frames": args.frames, "protocol": protocol(args.frames)}
 
 
 def print_figures(frames: dict, vscores: np.ndarray, vlabels: np.ndarray, notes: list[str]) -> dict:
@@ -308,7 +334,7 @@ def main(args: argparse.Namespace) -> dict:
     other_params = check_inputs(ckpt, manifest, split, args)
     meta = {"modality": ckpt["args"]["modality"], "arch": ckpt["args"]["arch"], **provenance(args, ckpt, manifest)}
     frames, losses = frame_scores(model, ckpt, args, device, split)
-    scored = coverage(frames, split)
+    scored = coverage(frames, split, planned_samples(split, args.frames))
     check_complete(scored, losses, args)
     non_finite = check_finite(frames, args)
     video_ids, vscores = metrics.video_scores(frames["scores"], frames["videos"], args.class_topk)
@@ -320,10 +346,12 @@ def main(args: argparse.Namespace) -> dict:
 
     youtube_ids = {v: info.get("youtube_id") or v for v, info in split["video_info"].items()}
     doc = results_json(video_ids, vscores, ckpt["classes"], youtube_ids, partial)
+    doc = {**doc, **({"frames": args.frames} if args.frames else {})}  # the protocol, where not every frame
     atomic_write_json(json_path, {**doc, "other_pack_params": other_params} if other_params else doc)
-    print(f"{len(frames['keys'])} frames of {len(video_ids)} videos scored -> {args.out}, {json_path}"
-          f"{replaced_note(replaced)}")
-    return print_figures(frames, vscores, video_labels(frames, video_ids), [n for n in (partial, other_params) if n])
+    print(f"{len(frames['keys'])} frames of {len(video_ids)} videos scored ({protocol(args.frames)}) -> {args.out}, "
+          f"{json_path}{replaced_note(replaced)}")
+    notes = [n for n in (partial, other_params, args.frames and protocol(args.frames)) if n]
+    return print_figures(frames, vscores, video_labels(frames, video_ids), notes)
 
 
 if __name__ == "__main__":
