@@ -5,7 +5,8 @@
 Runs the `files` baseline (one JPEG file per frame, PIL + torchvision transforms in a
 DataLoader, as the original trained) and the raw JPEG decode ceiling beside the backends
 asked for, so the ratios printed come from one run on one machine. An image is one JPEG:
-a flow sample of --flow-len 5 counts 5.
+a flow sample of --flow-len 5 counts 5. `--segments 1 3` measures each backend with frame
+sampling and with TSN's segments (batches of --batch-size videos of 3 frames) side by side.
 """
 from __future__ import annotations
 
@@ -158,7 +159,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="rgb", choices=["rgb", "flow"], help="stream to read")
     p.add_argument("--backend", nargs="+", default=["cpu"], choices=["cpu", "dali", "files"],
                    help="loaders to measure (files, the baseline, always runs)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch (videos, with --segments K > 1)")
+    p.add_argument("--segments", type=int, nargs="+", default=[1], metavar="K",
+                   help="the loaders' sampling, each K measured in the same run: 1 frames, K > 1 videos of K frames "
+                        "(train.py --segments)")
     p.add_argument("--crop", type=int, default=224, help="crop size (the network's input size)")
     p.add_argument("--flow-len", type=int, help="flow images per sample (default: as packed)")
     p.add_argument("--workers", type=int, default=mp.cpu_count(), help="loader processes/threads, the same for all")
@@ -197,12 +201,16 @@ def main(args: argparse.Namespace) -> None:
             yield images.to(device, non_blocking=True), labels
 
     contenders["files"] = lambda seconds: rate(files_batches, per_sample, seconds)
-    for backend in [b for b in args.backend if b != "files"]:
+    against = {}  # with several --segments: each contender -> its backend's at the first K
+    for backend, k in [(b, k) for b in args.backend if b != "files" for k in args.segments]:
         raw = args.raw and backend == "cpu"
         name = f"{backend} ({'nvJPEG' if backend == 'dali' and device.type == 'cuda' else 'uint8' if raw else 'CPU'})"
+        if args.segments != [1]:
+            against[f"{name} K={k}"] = f"{name} K={args.segments[0]}"
+            name = f"{name} K={k}"
         make = functools.partial(loaders.build, args.data, args.split, args.modality, True, args.batch_size,
                                  crop=args.crop, backend=backend, device=device, flow_len=args.flow_len,
-                                 workers=args.workers, **({"raw": True} if raw else {}))
+                                 workers=args.workers, segments=k, **({"raw": True} if raw else {}))
         contenders[name] = functools.partial(fresh_loader_rate, make, per_sample)
     print(f"measuring {len(contenders)} in turns: {args.rounds} rounds of {args.seconds / args.rounds:.1f} s each")
     results = in_turns(contenders, args.rounds, args.seconds)
@@ -210,6 +218,8 @@ def main(args: argparse.Namespace) -> None:
     for name, value in results.items():
         comparison = names.get(name) or (f"= {value / files_rate:.2f}x files, "
                                          f"{100 * value / ceiling:.0f}% of the decode ceiling")
+        if against.get(name, name) != name:
+            comparison += f", {value / results[against[name]]:.2f}x {against[name]}"
         print(f"{name:>16}: {value:8.0f} images/s {comparison}")
 
 

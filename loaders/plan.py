@@ -216,6 +216,10 @@ class Planner:
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         # segments > 1: a plan's entry is a video (its K frames), else a sample
         self.segments = Segments(segments, stream.video_samples) if segments > 1 else None
+        if self.segments is not None and self.segments.lengths.sum() != stream.samples:
+            raise ValueError(f"{stream.data}/{stream.split}: the manifest's videos hold {self.segments.lengths.sum()} "
+                             f"samples, its shards {stream.samples}: it is not pack's (run python -m pack.merge "
+                             f"{stream.data}, or re-pack)")
         self.epoch, self.served = 0, 0  # the position: the next entry to serve is plan(epoch)[served]
         self._plans: dict[int, np.ndarray] = {}
 
