@@ -12,8 +12,8 @@ Packed at stride 2, a video is 12 samples of which 2 show its class. Training vi
 their neutral footage from the left half of the first 60% of bikes.mp4 and balle-jbart.mp4,
 test videos from the right half of the last 40%: scenes never seen in training (the car
 and schoolyard stretches come from other frames too). Each run trains resnet18 at 48 from
-scratch for the same number of images: K = 1 with batches of 24 frames, K = 3 with
-batches of 8 videos x 3 frames; both are scored by score.py on every packed frame of the
+scratch (at --input-size, 32 by default) for the same number of images: K = 1 with
+batches of 24 frames, K = 3 with batches of 8 videos x 3 frames; both are scored by score.py on every packed frame of the
 test videos (video score = mean of its frames' softmax), and with --frames 3.
 Prints one line per run and a table (mean and range over the seeds).
 """
@@ -94,14 +94,15 @@ def pack(videos: Path, data: Path) -> None:
             raise SystemExit(f"error: packing {videos / part} failed")
 
 
-def run(data: Path, save: Path, segments: int, seed: int, images: int, batch_images: int) -> dict:
+def run(data: Path, save: Path, segments: int, seed: int, images: int, batch_images: int, size: int) -> dict:
     """Train at K = segments for `images` images seen, score on the test split (every frame, and --frames 3)."""
     iterations = images // batch_images
-    argv = ["--data", str(data), "--modality", "rgb", "--arch", "resnet18", "--input-size", "48",
+    argv = ["--data", str(data), "--modality", "rgb", "--arch", "resnet18", "--input-size", str(size),
             "--batch-size", str(batch_images // segments), "--segments", str(segments), "--lr", "0.01",
             "--max-iterations", str(iterations), "--step-values", str(iterations * 2 // 3),
             "--val-split", "", "--log-every", "25", "--ckpt-every", str(iterations), "--workers", "2",
             "--seed", str(seed), "--deterministic", "--save-dir", str(save), "--overwrite"]
+    (save.parent / "scores").mkdir(exist_ok=True)
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         train.main(train.get_args_parser().parse_args(argv))
@@ -111,7 +112,7 @@ def run(data: Path, save: Path, segments: int, seed: int, images: int, batch_ima
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             figures = score.main(score.get_args_parser().parse_args(
                 ["--checkpoint", str(save / "latest.pt"), "--data", str(data), "--split", "test", "--out",
-                 str(save / f"test_{name}.npz"), "--workers", "2", "--overwrite", *frames]))
+                 str(save.parent / "scores" / f"{save.name}_{name}.npz"), "--workers", "2", "--overwrite", *frames]))
         out[f"video_top1_{name}"], out[f"frame_top1_{name}"] = figures["video_top1"], figures["frame_top1"]
     return out
 
@@ -121,7 +122,8 @@ def main() -> None:
     p.add_argument("videos", type=Path, help="the folder of the real clips (../shared/real-videos)")
     p.add_argument("--out", type=Path, default=Path("/tmp/segments"), help="work folder (videos, DATA, runs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (each K runs each)")
-    p.add_argument("--images", type=int, default=7200, help="images seen per run (the same for every K)")
+    p.add_argument("--images", type=int, default=2400, help="images seen per run (the same for every K)")
+    p.add_argument("--input-size", type=int, default=32, help="the network's input size")
     p.add_argument("--train-videos", type=int, default=40, help="training videos per class")
     p.add_argument("--test-videos", type=int, default=20, help="test videos per class")
     args = p.parse_args()
@@ -136,9 +138,9 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         for k in (1, 3):
-            results.append(run(data, args.out / f"k{k}-seed{seed}", k, seed, args.images, 24))
+            results.append(run(data, args.out / f"k{k}-seed{seed}", k, seed, args.images, 24, args.input_size))
             print(json.dumps(results[-1]), flush=True)
-    print(f"\nresnet18 at 48 from scratch, {args.images} images seen a run (batches of 24 images), "
+    print(f"\nresnet18 at {args.input_size} from scratch, {args.images} images seen a run (batches of 24 images), "
           f"{args.train_videos * 3} training videos, {args.test_videos * 3} test videos of unseen scenes; "
           f"seeds {args.seeds}")
     print("| training | test video top-1, every frame (mean, min-max) | test video top-1, --frames 3 | "

@@ -33,30 +33,45 @@ def epochs_of_batches(loader, batches: int, clone=True) -> list:
     return out
 
 
-def train_loader(data, backend: str, workers: int, position=None, **kw):
-    return loaders.build(data, "train", "flow", True, 16, crop=40, backend=backend, device="cpu", workers=workers,
-                         seed=3, scale_jitter=(0.9, 1.1), position=position, **kw)
+def train_loader(data, backend: str, workers: int, position=None, segments: int = 1, **kw):
+    """16 frames a batch; with segments, 4 videos of `segments` frames (30 videos: 7 batches an epoch)."""
+    return loaders.build(data, "train", "flow", True, 16 if segments == 1 else 4, crop=40, backend=backend,
+                         device="cpu", workers=workers, seed=3, scale_jitter=(0.9, 1.1), position=position,
+                         segments=segments, **kw)
 
 
+@pytest.mark.parametrize("segments", [1, 3])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_loader_made_at_a_position_goes_on_with_the_very_batches_and_the_workers_do_not_matter(data, backend):
-    epoch = len(train_loader(data, backend, 1))
-    unstopped = epochs_of_batches(train_loader(data, backend, 2), 2 * epoch + 3)
+def test_a_loader_made_at_a_position_goes_on_with_the_very_batches_and_the_workers_do_not_matter(data, backend,
+                                                                                                 segments):
+    epoch = len(train_loader(data, backend, 1, segments=segments))
+    unstopped = epochs_of_batches(train_loader(data, backend, 2, segments=segments), 2 * epoch + 3)
     for stop in (3, epoch - 1, epoch, epoch + 2):  # mid-epoch, at an epoch's last batch, at its end, in the next
-        first = train_loader(data, backend, 1)
+        first = train_loader(data, backend, 1, segments=segments)
         head = epochs_of_batches(first, stop)
         position = first.position()
-        tail = epochs_of_batches(train_loader(data, backend, 3 if backend == "cpu" else 1, position=position),
-                                 len(unstopped) - stop)
+        tail = epochs_of_batches(train_loader(data, backend, 3 if backend == "cpu" else 1, position=position,
+                                              segments=segments), len(unstopped) - stop)
         for i, ((a, y, k), (b, z, m)) in enumerate(zip(unstopped, head + tail)):
             assert k == m and torch.equal(y, z) and torch.equal(a, b), f"stopped after {stop}: batch {i} differs"
 
 
-def test_both_loaders_draw_the_same_samples_in_the_same_order(data):
+@pytest.mark.parametrize("segments", [1, 3])
+def test_both_loaders_draw_the_same_samples_in_the_same_order(data, segments):
     """The plan is the loaders': the same samples, batch by batch, from DALI and the CPU workers (the pixels differ
-    by their decoders' rounding)."""
-    keys = {backend: [k for _, _, k in epochs_of_batches(train_loader(data, backend, 2), 15)] for backend in BACKENDS}
-    assert keys["cpu"] == keys["dali"]
+    by their decoders' rounding, by at most a few levels: the same crops and flips). With segments, each video's 3
+    frames come one from each third of its samples, and a label a video."""
+    batches = {backend: epochs_of_batches(train_loader(data, backend, 2, segments=segments), 15)
+               for backend in BACKENDS}
+    for (a, y, k), (b, z, m) in zip(batches["cpu"], batches["dali"]):
+        assert k == m and torch.equal(y, z) and len(k) == len(y) * segments and a.shape == b.shape
+        assert (a - b).abs().mean() < 0.05, "other crops or flips"  # normalised units: a level is 1/58
+    if segments > 1:
+        keys = [key for _, _, k in batches["cpu"] for key in k]
+        for i in range(0, len(keys), segments):
+            video = {key.rsplit("/", 1)[0] for key in keys[i:i + segments]}
+            t = [int(key.rsplit("/", 1)[1]) for key in keys[i:i + segments]]
+            assert len(video) == 1 and [x // 8 for x in t] == [0, 1, 2], t  # 6 samples, stride 4: thirds of 8 frames
 
 
 def test_a_position_of_another_plan_is_refused(data):
@@ -74,9 +89,11 @@ TRAIN = ["--modality", "rgb", "--arch", "resnet18", "--input-size", "32", "--bat
          "--val-batches", "2", "--scale-jitter", "0.9", "1.1", "--deterministic"]
 
 
-def command(data, save, backend: str, workers: int) -> list[str]:
+def command(data, save, backend: str, workers: int, segments: int = 1) -> list[str]:
+    """TRAIN; with segments, batches of 4 videos (30 videos: 7 batches an epoch)."""
+    more = ["--segments", str(segments), "--batch-size", "4"] if segments > 1 else []
     return [sys.executable, "train.py", "--data", str(data), *TRAIN, "--backend", backend, "--workers", str(workers),
-            "--save-dir", str(save)]
+            "--save-dir", str(save), *more]
 
 
 def children(pid: int) -> list[int]:
@@ -119,17 +136,18 @@ def final(save) -> dict:
     return torch.load(save / "latest.pt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_run_stopped_by_sigkill_and_sigterm_ends_as_the_unstopped_run(data, tmp_path, backend):
-    """11 batches an epoch: the kills land before the first epoch's end and in the second, each resume crosses one."""
+@pytest.mark.parametrize("backend,segments", [("cpu", 1), ("dali", 1), ("cpu", 3)])
+def test_a_run_stopped_by_sigkill_and_sigterm_ends_as_the_unstopped_run(data, tmp_path, backend, segments):
+    """11 batches an epoch (7 with segments): the kills land before the first epoch's end and in a later one, each
+    resume crosses one."""
     unstopped = tmp_path / "unstopped"
-    done = subprocess.run(command(data, unstopped, backend, 2), cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command(data, unstopped, backend, 2, segments), cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
     stopped = tmp_path / "stopped"
     # kill -9 of the main process alone, once a checkpoint is written: its workers must die with it, and
     # free the save-dir's lock, for a resume started at once
-    status, workers = run_until(command(data, stopped, backend, 2), stopped,
+    status, workers = run_until(command(data, stopped, backend, 2, segments), stopped,
                                 lambda save: (save / "ckpt-00000004.pt").exists(), signal.SIGKILL)
     assert status == -signal.SIGKILL
     killed = time.time()
@@ -141,12 +159,13 @@ def test_a_run_stopped_by_sigkill_and_sigterm_ends_as_the_unstopped_run(data, tm
 
     # resumed at once with another --workers; SIGTERM after the step under way once iteration 15 is logged (its
     # checkpoint then holds the losses of the log window under way)
-    status, _ = run_until(command(data, stopped, backend, 1) + ["--resume"], stopped,
+    status, _ = run_until(command(data, stopped, backend, 1, segments) + ["--resume"], stopped,
                           lambda save: logged_at(save, 15), signal.SIGTERM, whole_group=True, meanwhile=workers_gone)
     assert status == 128 + signal.SIGTERM
     at = final(stopped)["iteration"]
     assert 15 <= at < 30, f"SIGTERM should stop the run after iteration 15, stopped at {at}"  # 16 or 17: mid-window
-    done = subprocess.run(command(data, stopped, backend, 3) + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command(data, stopped, backend, 3, segments) + ["--resume"], cwd=ROOT, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
     a, b = final(unstopped), final(stopped)
@@ -157,6 +176,20 @@ def test_a_run_stopped_by_sigkill_and_sigterm_ends_as_the_unstopped_run(data, tm
     assert a["history"]["val"] == b["history"]["val"]
     log = (stopped / "train.log").read_text()
     assert log.count("the batches an unstopped run draws") == 2 and "in use by" not in log
+
+
+def test_ddp_ranks_share_the_videos_evenly():
+    """With segments a plan's entry is a video: every rank the same number of them, no video on two ranks."""
+    from loaders.common import Stream
+    from loaders.plan import Planner
+
+    stream = Stream(tars=[], indexes=[], modality="rgb", flow_len=1, samples=40, classes=["a"],
+                    shard_samples=[13, 14, 13], video_samples=[6, 1, 6, 2, 5, 3, 6, 4, 1, 6])
+    for train in (True, False):
+        plans = [Planner(stream, train, 0, rank, 3, 2, 4, segments=3).plan(1) for rank in range(3)]
+        shared = set(plans[0]) | set(plans[1]) | set(plans[2])
+        assert sum(map(len, plans)) == len(shared) and shared <= set(range(10))
+        assert [len(p) for p in plans] == ([3, 3, 3] if train else [4, 3, 3])  # training: 10 // 3 each
 
 
 def test_two_unstopped_runs_with_other_workers_give_the_same_weights(data, tmp_path):

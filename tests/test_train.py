@@ -392,7 +392,8 @@ class FakeCuda:
                             ("CUDAGraph", Graph), ("graph", graph)):
             monkeypatch.setattr(torch.cuda, name, value)
 
-    def run(self, graphed: bool, steps: int = 7, strict: bool = False):
+    def run(self, graphed: bool, steps: int = 7, strict: bool = False, segments: int = 1):
+        """Losses and final weights of `steps` steps on batches of 4 (videos of `segments` images), and the log."""
         import nets
 
         torch.manual_seed(0)
@@ -401,10 +402,10 @@ class FakeCuda:
                                     lr=0.01, momentum=0.9)
         lines = []
         self.step = TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None, graphed,
-                                    strict=strict, log=lines.append)
+                              strict=strict, log=lines.append, segments=segments)
         batches = torch.Generator().manual_seed(1)
-        losses = [self.step(torch.randn(4, 3, 32, 32, generator=batches), torch.randint(0, 4, (4,), generator=batches)).item()
-                  for _ in range(steps)]
+        losses = [self.step(torch.randn(4 * segments, 3, 32, 32, generator=batches),
+                            torch.randint(0, 4, (4,), generator=batches)).item() for _ in range(steps)]
         return losses, model.state_dict(), lines
 
 
