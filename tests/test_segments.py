@@ -15,7 +15,7 @@ from torch import nn
 import nets
 import score
 import train
-from loaders.plan import Segments
+from loaders.plan import Segments, draws, rows
 from test_train import FakeCuda
 from training.step import TrainStep, set_bn_eval
 
@@ -29,6 +29,15 @@ def test_a_videos_frames_come_one_from_each_of_k_equal_segments_and_short_videos
     assert all(6 + 3 * j <= f < 9 + 3 * j for j, f in enumerate(drawn[1]))
     assert set(drawn[2]) <= {15, 16} and drawn[3].tolist() == [17, 17, 17]  # fewer samples than K: repeated
     assert segments.frames([1, 0]).tolist() == [7, 10, 13, 1, 3, 5]  # video after video, in the order asked
+
+
+def test_a_videos_frames_share_one_crop_scale_and_flip_and_frames_draw_as_before():
+    segments = Segments(3, [6, 9, 2, 1])
+    ids, augmentation = rows(7, 2, np.array([2, 0, 3, 1]), True, (0.8, 1.2), True, segments)
+    per_video = augmentation.reshape(4, 3, 4)
+    assert (per_video == per_video[:, :1]).all() and len({tuple(v[0]) for v in per_video}) == 4
+    frames = np.array([5, 1, 9])  # no segments: each sample its own draws, as before segments
+    assert np.array_equal(rows(7, 2, frames, True, (0.8, 1.2), True)[1], draws(7, 2, frames, (0.8, 1.2), True))
 
 
 def consensus_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
