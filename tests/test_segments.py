@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 
@@ -17,6 +18,7 @@ import score
 import train
 from loaders.plan import Segments, draws, rows
 from test_train import FakeCuda
+from training.run import build_model
 from training.step import TrainStep, set_bn_eval
 
 
@@ -116,8 +118,8 @@ def test_a_run_with_partial_bn_updates_the_first_batch_norms_statistics_only(tsn
 def test_dropout_is_recorded_and_drops_in_training_only(tsn_run):
     assert checkpoint(tsn_run)["args"]["dropout"] == 0.6
     torch.manual_seed(0)
-    model = nets.build("resnet18", 4, "rgb")
-    nets.set_dropout(model, "resnet18", 0.6)
+    args = argparse.Namespace(arch="resnet18", modality="rgb", pretrained=None, dropout=0.6)
+    model = build_model(args, ["a", "b", "c", "d"], 1, None, None, print)[0]  # as train.py builds it
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     assert torch.equal(model(x), model(x))
