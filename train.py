@@ -29,6 +29,7 @@ import loaders
 import nets
 from loaders.common import check_fills_a_batch, open_stream
 from pack.files import Lock, check_output_dir, json_text
+from score import positive_int
 from training.checkpoints import checkpoints, claim_save_dir, remove_stale_temporaries, save_checkpoint
 from training.logs import Logger, Window, plot_curves
 from training.run import Run, plain_args, random_state
@@ -36,14 +37,6 @@ from training.step import TrainStep, graph_decision, set_bn_eval
 
 # fp16: a loss scale below this means even the unscaled gradients overflow: the run has diverged.
 MIN_LOSS_SCALE = 1.0
-
-
-def at_least_one(text: str) -> int:
-    """argparse type of a count of at least 1."""
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text}: give a number >= 1")
-    return n
 
 
 def probability(text: str) -> float:
@@ -68,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-flip", action="store_true", default=None,
                    help="no horizontal mirroring in training, for classes where left and right differ (recorded "
                         "in the checkpoint: score.py and predict.py then refuse mirrored test-time views)")
-    g.add_argument("--segments", type=at_least_one, metavar="K",
+    g.add_argument("--segments", type=positive_int, metavar="K",
                    help="TSN's segment sampling: a training sample is a video, seen through K frames, one from each "
                         "of K equal segments of its packed samples (a random place in each; the centre in "
                         "validation), sharing one crop, scale and flip; the loss is taken on the mean of its K "

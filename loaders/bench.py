@@ -224,4 +224,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    parser = get_args_parser()
+    arguments = parser.parse_args()
+    if min(arguments.segments) < 1:
+        parser.error(f"--segments {min(arguments.segments)}: give counts >= 1")
+    main(arguments)
