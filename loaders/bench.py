@@ -6,7 +6,8 @@ Runs the `files` baseline (one JPEG file per frame, PIL + torchvision transforms
 DataLoader, as the original trained) and the raw JPEG decode ceiling beside the backends
 asked for, so the ratios printed come from one run on one machine. An image is one JPEG:
 a flow sample of --flow-len 5 counts 5. `--segments 1 3` measures each backend with frame
-sampling and with TSN's segments (batches of --batch-size videos of 3 frames) side by side.
+sampling and with TSN's segments (batches of --batch-size // 3 videos of 3 frames: about as
+many images a batch) side by side.
 """
 from __future__ import annotations
 
@@ -159,7 +160,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="rgb", choices=["rgb", "flow"], help="stream to read")
     p.add_argument("--backend", nargs="+", default=["cpu"], choices=["cpu", "dali", "files"],
                    help="loaders to measure (files, the baseline, always runs)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch (videos, with --segments K > 1)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="samples per batch (with --segments K > 1: batch-size // K videos, about as many images)")
     p.add_argument("--segments", type=int, nargs="+", default=[1], metavar="K",
                    help="the loaders' sampling, each K measured in the same run: 1 frames, K > 1 videos of K frames "
                         "(train.py --segments)")
@@ -208,7 +210,8 @@ def main(args: argparse.Namespace) -> None:
         if args.segments != [1]:
             against[f"{name} K={k}"] = f"{name} K={args.segments[0]}"
             name = f"{name} K={k}"
-        make = functools.partial(loaders.build, args.data, args.split, args.modality, True, args.batch_size,
+        make = functools.partial(loaders.build, args.data, args.split, args.modality, True,
+                                 max(args.batch_size // k, 1),
                                  crop=args.crop, backend=backend, device=device, flow_len=args.flow_len,
                                  workers=args.workers, segments=k, **({"raw": True} if raw else {}))
         contenders[name] = functools.partial(fresh_loader_rate, make, per_sample)
