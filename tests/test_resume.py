@@ -222,15 +222,19 @@ def test_resuming_with_another_world_size_batch_size_or_a_damaged_state_is_refus
         train.main(train.get_args_parser().parse_args(args + more))
 
 
-def test_ddp_each_rank_goes_on_from_its_own_position(data, tmp_path):
+@pytest.mark.parametrize("segments", [1, 3])
+def test_ddp_each_rank_goes_on_from_its_own_position(data, tmp_path, segments):
     """Two processes (gloo): a run stopped at iteration 6 and resumed (other --workers) ends as the unstopped one.
 
-    (Stopped by --max-iterations at a log line: with DDP, SIGTERM stops a run at a log line too.)"""
+    (Stopped by --max-iterations at a log line: with DDP, SIGTERM stops a run at a log line too.) With segments,
+    batches of 4 videos: 15 videos a rank, 3 batches an epoch."""
     def ddp(save, iterations: int, workers: int, *more):
+        videos = ["--segments", "3", "--batch-size", "4"] if segments > 1 else []
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
              "train.py", "--data", str(data), *TRAIN, "--max-iterations", str(iterations), "--workers", str(workers),
-             "--device", "cpu", "--save-dir", str(save), *more], cwd=ROOT, capture_output=True, text=True, timeout=300)
+             "--device", "cpu", "--save-dir", str(save), *videos, *more], cwd=ROOT, capture_output=True, text=True,
+            timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
 
     ddp(tmp_path / "unstopped", 14, 1)
