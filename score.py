@@ -26,7 +26,7 @@ from tqdm import tqdm
 import loaders
 import metrics
 import nets
-from loaders.common import flip_batch, open_stream
+from loaders.common import check_videos, flip_batch, open_stream
 from loaders.plan import Segments
 from outputs import check_outputs, replaced_note
 from pack.files import atomic_write_json
@@ -332,6 +332,11 @@ def main(args: argparse.Namespace) -> dict:
                              [args.checkpoint, *split_files(args.data, split)], args.overwrite)
     model, ckpt = load_model(args.checkpoint, device)
     other_params = check_inputs(ckpt, manifest, split, args)
+    if args.frames:  # each video's frames are found by the manifest's video list
+        try:
+            check_videos(open_stream(args.data, args.split, ckpt["args"]["modality"], ckpt["args"]["flow_len"]))
+        except ValueError as e:
+            raise SystemExit(f"error: --frames {args.frames}: {args.data}: {e}") from None
     meta = {"modality": ckpt["args"]["modality"], "arch": ckpt["args"]["arch"], **provenance(args, ckpt, manifest)}
     frames, losses = frame_scores(model, ckpt, args, device, split)
     scored = coverage(frames, split, planned_samples(split, args.frames))

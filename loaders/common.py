@@ -93,11 +93,21 @@ def open_stream(data: str | Path, split: str, modality: str, flow_len: int | Non
                   labelled=any(v["cls"] >= 0 for v in info["video_info"].values()), data=str(data), split=split)
 
 
+def check_videos(stream: Stream) -> None:
+    """Segments read a video's samples by the manifest's video_info: it must hold the shards' samples (ValueError)."""
+    if sum(stream.video_samples) != stream.samples:
+        raise ValueError(f"the manifest's {stream.split} videos hold {sum(stream.video_samples)} "
+                         f"samples, its shards {stream.samples}: it is not pack's (run python -m pack.merge "
+                         f"{stream.data}, or re-pack)")
+
+
 def check_fills_a_batch(stream: Stream, batch_size: int, world_size: int = 1, segments: int = 1) -> None:
     """Training drops what does not fill a batch: a split that cannot fill one would train for ever without a step.
 
     segments > 1: a batch is of videos (their K frames each).
     """
+    if segments > 1:
+        check_videos(stream)
     what, count = ("videos", len(stream.video_samples)) if segments > 1 else ("samples", stream.samples)
     if count // world_size < batch_size:
         per_rank = f" ({count // world_size} for each of {world_size} processes)" if world_size > 1 else ""

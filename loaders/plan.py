@@ -23,7 +23,7 @@ import numpy as np
 
 from pack.shards import index_entries, key_of, read_index, whole_samples
 
-from .common import Stream
+from .common import Stream, check_videos
 
 
 def epoch_order(shard_samples: list[int], seed: int, epoch: int, train: bool, group: int) -> np.ndarray:
@@ -216,10 +216,8 @@ class Planner:
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         # segments > 1: a plan's entry is a video (its K frames), else a sample
         self.segments = Segments(segments, stream.video_samples) if segments > 1 else None
-        if self.segments is not None and self.segments.lengths.sum() != stream.samples:
-            raise ValueError(f"{stream.data}/{stream.split}: the manifest's videos hold {self.segments.lengths.sum()} "
-                             f"samples, its shards {stream.samples}: it is not pack's (run python -m pack.merge "
-                             f"{stream.data}, or re-pack)")
+        if self.segments is not None:
+            check_videos(stream)
         self.epoch, self.served = 0, 0  # the position: the next entry to serve is plan(epoch)[served]
         self._plans: dict[int, np.ndarray] = {}
 
