@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pack.manifest import load_manifest
+from pack.manifest import load_manifest, stamped
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
                                          for _ in range(args.times) for piece in pieces]
         split["samples"] *= args.times
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "manifest.json").write_text(json.dumps(manifest))
+    (args.out / "manifest.json").write_text(json.dumps(stamped(manifest)))
     print(f"{args.out}: every shard of {args.source} listed {args.times} times")
 
 

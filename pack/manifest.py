@@ -10,10 +10,11 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, json_safe
 
 FORMAT_VERSION = 1
 PLAN_KEYS = ("params", "classes", "groups")
@@ -146,9 +147,20 @@ def data_lock(data: str | Path):
         yield
 
 
+def content_sha256(manifest: dict) -> str:
+    """The SHA-256 of a manifest's content but its own "sha256" (keys sorted: the file's layout does not count)."""
+    body = json_safe({k: v for k, v in manifest.items() if k != "sha256"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def stamped(manifest: dict) -> dict:
+    """The manifest with the hash of its content, which every reader checks (load_manifest)."""
+    return {**manifest, "sha256": content_sha256(manifest)}
+
+
 def write_manifest(data: Path) -> dict:
     with data_lock(data):
-        manifest = build_manifest(data)
+        manifest = stamped(build_manifest(data))
         atomic_write_json(Path(data) / "manifest.json", manifest)
         if manifest["classes"]:
             atomic_write_bytes(Path(data) / "classes.txt", ("\n".join(manifest["classes"]) + "\n").encode())
@@ -165,4 +177,11 @@ def load_manifest(data: str | Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {manifest.get('format_version')}, "
                          f"this code reads {FORMAT_VERSION}; re-pack the data")
+    if "sha256" not in manifest:
+        warnings.warn(f"{path} carries no checksum (written before pack recorded one): its content is read unchecked; "
+                      f"python -m pack.merge {data} rewrites it with one", stacklevel=2)
+    elif manifest["sha256"] != content_sha256(manifest):
+        raise BrokenFile(f"{path} is damaged: its content is not what pack wrote (its SHA-256 is not the one it "
+                         f"carries: a flipped bit, or an edit by hand); rebuild it from the splits' plans and records "
+                         f"with python -m pack.merge {data}, then check the shards with python -m pack.verify {data}")
     return manifest
