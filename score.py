@@ -29,7 +29,7 @@ import nets
 from loaders.common import flip_batch, open_stream
 from outputs import check_outputs, replaced_note
 from pack.files import atomic_write_json
-from pack.manifest import load_manifest, params_differ, split_identity
+from pack.manifest import incomplete_note, load_manifest, params_differ, split_identity
 from training.checkpoints import read_checkpoint
 
 
@@ -65,7 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="loader workers")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     p.add_argument("--allow-partial", action="store_true",
-                   help="score what can be read of a damaged split; the figures and the JSON then say \"partial\"")
+                   help="score what can be read of a damaged split, or of one packed in part (a --part never run); "
+                        "the figures and the JSON then say \"partial\"")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="go on when scores are not finite (NaN, inf): they count as wrong, and the output says how many")
     p.add_argument("--allow-mirrored", action="store_true",
@@ -201,16 +202,18 @@ def video_ids_by_key(split: dict) -> dict[str, str]:
 
 
 def coverage(frames: dict, split: dict) -> dict:
-    """What was scored against what the manifest lists: samples and videos, and whether that is all."""
+    """What was scored against what the manifest lists: samples and videos, and whether that is all (of a whole split)."""
     c = {"samples": len(frames["keys"]), "of_samples": split["samples"],
-         "videos": len(set(frames["videos"].tolist())), "of_videos": len(split["video_info"])}
-    c["partial"] = c["samples"] < c["of_samples"] or c["videos"] < c["of_videos"]
+         "videos": len(set(frames["videos"].tolist())), "of_videos": len(split["video_info"]),
+         "incomplete": incomplete_note(split)}
+    c["partial"] = c["samples"] < c["of_samples"] or c["videos"] < c["of_videos"] or c["incomplete"] is not None
     c["partial_note"] = coverage_note(c)
     return c
 
 
 def coverage_note(c: dict) -> str:
-    return f"partial: {c['samples']} of {c['of_samples']} samples, {c['videos']} of {c['of_videos']} videos"
+    packed = f" packed; {c['incomplete']}" if c.get("incomplete") else ""
+    return f"partial: {c['samples']} of {c['of_samples']} samples, {c['videos']} of {c['of_videos']} videos{packed}"
 
 
 def lost_shards(losses: list) -> str:
@@ -228,6 +231,18 @@ def check_complete(c: dict, losses: list, args) -> None:
         raise SystemExit(f"error: {message}\nfind every problem with python -m pack.verify {args.data} --split "
                          f"{args.split}; re-pack or re-copy those shards, or give --allow-partial to score what is there")
     print(f"warning: {message}")
+
+
+def check_whole_split(split: dict, args) -> None:
+    """A split packed in part (a --part never run) is refused before any work: its figures would pass for the whole's."""
+    note = incomplete_note(split)
+    if note is None:
+        return
+    message = f"{args.data}/{args.split}: {note}"
+    if not args.allow_partial:
+        raise SystemExit(f"error: {message}; run the missing parts' pack commands, then python -m pack.merge "
+                         f"{args.data}, or give --allow-partial to score what is there (every output says partial)")
+    print(f"warning: {message}; scored anyway (--allow-partial)")
 
 
 def check_finite(frames: dict, args) -> int:
@@ -302,6 +317,7 @@ def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     json_path = args.results_json or args.out.with_suffix(".json")
     manifest, split = load_split(args)
+    check_whole_split(split, args)
     replaced = check_outputs([("--out", args.out), ("--results-json", json_path)],
                              [args.checkpoint, *split_files(args.data, split)], args.overwrite)
     model, ckpt = load_model(args.checkpoint, device)

@@ -53,6 +53,14 @@ def missing_parts(split: dict) -> str:
             f"{', '.join(map(str, missing[:8]))}{' ...' if len(missing) > 8 else ''} have no record")
 
 
+def incomplete_note(split: dict) -> str | None:
+    """None for a split packed whole; else how much of it was packed and which parts are missing."""
+    if split["complete"]:
+        return None
+    return (f"incomplete split: {split['groups_done']} of {split['groups_total']} shard groups packed, "
+            f"{missing_parts(split)}")
+
+
 def build_manifest(data: Path) -> dict:
     """Join every split's plan and group records under DATA into one manifest.
 
@@ -129,10 +137,13 @@ def split_identity(data: str | Path, manifest: dict, split: str) -> dict:
     """What an artifact made from one split records of it: the folder, the split, its plan's id, its pack parameters.
 
     Two artifacts of the same split of the same packed data carry the same `plan`; any other
-    split, or data packed from other annotations or with other parameters, another one.
+    split, or data packed from other annotations or with other parameters, another one. A split
+    packed in part (a --part never run) says so (`incomplete`).
     """
     info = manifest["splits"][split]
-    return {"data": str(data), "split": split, "plan": info.get("plan"), "params": info["params"]}
+    incomplete = incomplete_note(info)
+    return {"data": str(data), "split": split, "plan": info.get("plan"), "params": info["params"],
+            **({"incomplete": incomplete} if incomplete else {})}
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .files import file_sha256
 from .manifest import load_manifest
-from .shards import CHECKSUMS, checksum_problem, index_entries, key_of, parse_label, read_index
+from .shards import CHECKSUMS, checksum_problem, index_entries, key_of, parse_label, read_index, whole_samples
 from .workers import die_with_parent
 
 
@@ -80,6 +80,11 @@ def check_shard(data: Path, piece: dict, modality: str, exts: list[str], expecte
         lines = read_index(idx_path)
     except ValueError as e:
         return problems + [f"{idx_path.name}: {e}"], []
+    if broken is None:  # a tar cut at a block boundary reads as a shorter whole one: its index tells
+        cut = whole_samples(lines, tar_path.stat().st_size)[2]
+        if cut and cut.startswith("truncated"):
+            broken = cut
+            problems.append(f"{name}: {broken}")
     if len(lines) != piece["samples"]:
         problems.append(f"{idx_path.name}: {len(lines)} samples, the manifest says {piece['samples']}")
     keys, indexed, size = [], set(), tar_path.stat().st_size

@@ -69,7 +69,8 @@ def make_split(root, split: str, samples: list[tuple[str, dict[str, bytes]]], fl
             w.write(key, {ext: b for ext, b in parts.items() if ext.startswith(m) or ext == "cls"})
     for w in writers.values():
         w.close()
-    videos = {k.split("/")[0]: {"label": "a", "cls": 0, "frames": 1, "samples": 1} for k, _ in samples}
+    videos = {k.split("/")[0]: {"label": "ab"[int(parts["cls"])], "cls": int(parts["cls"]), "frames": 1, "samples": 1}
+              for k, parts in samples}
     atomic_write_json(split_dir / "plan.json", {"params": params.__dict__, "classes": ["a", "b"], "groups": [[]]})
     atomic_write_json(split_dir / "records" / "00000.json", {"group": 0, "shards": {m: w.finished for m, w in writers.items()},
                                                             "videos": videos, "failed": {}, "seconds": {}})

@@ -222,7 +222,7 @@ def test_ids_the_shard_formats_cannot_carry_pack_under_safe_keys(tmp_path):
     assert all(re.fullmatch(r"[A-Za-z0-9_/-]+", k) for k in keys) and len(keys) == 2
     for piece in split["shards"]["rgb"]:
         for line in (out / piece["idx"]).read_text().splitlines()[1:]:
-            assert len(line.split()) == 8  # ext offset size name, twice: parseable
+            assert len(line.split()) == 12  # ext offset size name, three times (rgb.jpg, cls, crc32): parseable
     import loaders
 
     seen = {}

@@ -96,6 +96,7 @@ class Logger:
 
     def val(self, iteration: int, metrics: dict, is_best: bool) -> None:
         bad = f", {metrics['non_finite']} not finite, counted wrong" if metrics["non_finite"] else ""
+        bad += f"; partial: {metrics['partial']}" if "partial" in metrics else ""
         self.line(f"validation at {iteration}: frame top-1 {metrics['top1']:.3f} top-3 {metrics['top3']:.3f} "
                   f"loss {metrics['loss']:.3f} ({metrics['samples']} samples{bad}){' best' if is_best else ''}")
         if self.on:
