@@ -92,7 +92,7 @@ class ShardReader:
     A sample lying past the end of its file (a shard cut short), behind a garbled index line,
     in a shard that cannot be opened, or lacking one of the stream's components raises Lost;
     so does one its index does not list. So does one whose bytes are not those packed (each
-    member's CRC-32 against the sample's checksums member, in shards packed with them), or
+    member's CRC-32C against the sample's checksums member, in shards packed with them), or
     whose label is not its video's in the manifest: what is read is what was written.
     """
 

@@ -45,9 +45,9 @@ def test_a_flipped_bit_in_a_jpeg_is_a_lost_sample_for_both_loaders_and_the_reade
     copy, split = damaged_copy(data, tmp_path)
     tar = copy / split["shards"]["rgb"][0]["tar"]
     key = key_of(flip_a_bit_that_still_decodes(tar))  # it still decodes: only its checksum tells
-    agree_on_damage(copy, 1, key, tar.name, "damaged: its rgb.jpg is not what was packed (CRC-32 mismatch)")
+    agree_on_damage(copy, 1, key, tar.name, "damaged: its rgb.jpg is not what was packed (CRC-32C mismatch)")
     reader = ShardReader(open_stream(copy, "val", "rgb"))  # the one reader: loaders, bench, window probe
-    with pytest.raises(Lost, match="CRC-32 mismatch") as lost:
+    with pytest.raises(Lost, match="CRC-32C mismatch") as lost:
         for sample in range(split["shards"]["rgb"][0]["samples"]):
             reader.read(sample)
     assert lost.value.key == key
@@ -60,7 +60,7 @@ def test_a_flipped_bit_in_a_label_that_is_still_a_label_is_a_lost_sample(data, t
     cls = member(tar, ".cls", 3)
     flip(tar, cls.offset_data)  # ASCII digit 0..5 with its lowest bit flipped: another class of the 6
     key = key_of(cls.name)
-    agree_on_damage(copy, 1, key, tar.name, "damaged: its cls is not what was packed (CRC-32 mismatch)")
+    agree_on_damage(copy, 1, key, tar.name, "damaged: its cls is not what was packed (CRC-32C mismatch)")
     # the same shard as an older pack wrote it (no checksums recorded): the label against its video's in the manifest
     manifest = load_manifest(copy)
     del manifest["splits"]["val"]["shards"]["rgb"][0]["checksums"]
@@ -139,7 +139,7 @@ def test_a_checkpoint_with_a_flipped_bit_is_named_damaged_at_every_load(data, ru
     start, size = record_data_offset(ckpt, "/data/0")  # the first tensor's storage
     flip(ckpt, start + size // 2, 3)
     torch.load(ckpt, map_location="cpu", weights_only=True)  # torch itself loads it, another weight in it
-    damaged = rf"{ckpt} is damaged: its record \S+/data/0 is not the bytes torch.save wrote \(CRC-32 mismatch\)"
+    damaged = rf"{ckpt} is damaged: its record \S+/data/0 is not the bytes torch.save wrote \(CRC-32C mismatch\)"
     with pytest.raises(SystemExit, match=f"--checkpoint {damaged}; copy it again"):
         score.main(score.get_args_parser().parse_args(["--checkpoint", str(ckpt), "--data", str(data),
                                                        "--out", str(tmp_path / "s.npz")]))
