@@ -139,7 +139,7 @@ def test_a_checkpoint_with_a_flipped_bit_is_named_damaged_at_every_load(data, ru
     start, size = record_data_offset(ckpt, "/data/0")  # the first tensor's storage
     flip(ckpt, start + size // 2, 3)
     torch.load(ckpt, map_location="cpu", weights_only=True)  # torch itself loads it, another weight in it
-    damaged = rf"{ckpt} is damaged: its record \S+/data/0 is not the bytes torch.save wrote \(CRC-32C mismatch\)"
+    damaged = rf"{ckpt} is damaged: its record \S+/data/0 is not the bytes torch.save wrote \(CRC-32 mismatch\)"
     with pytest.raises(SystemExit, match=f"--checkpoint {damaged}; copy it again"):
         score.main(score.get_args_parser().parse_args(["--checkpoint", str(ckpt), "--data", str(data),
                                                        "--out", str(tmp_path / "s.npz")]))
