@@ -224,24 +224,25 @@ def lost_shards(losses: list) -> str:
 
 def check_complete(c: dict, losses: list, args) -> None:
     """A split scored in part is an error (its figures would pass for the whole split's) unless --allow-partial."""
-    if not c["partial"]:
-        return
-    message = f"{args.data}/{args.split} was scored in part ({coverage_note(c)}){lost_shards(losses)}"
-    if not args.allow_partial:
-        raise SystemExit(f"error: {message}\nfind every problem with python -m pack.verify {args.data} --split "
-                         f"{args.split}; re-pack or re-copy those shards, or give --allow-partial to score what is there")
-    print(f"warning: {message}")
+    if c["partial"]:
+        allow_partial(f"{args.data}/{args.split} was scored in part ({coverage_note(c)}){lost_shards(losses)}",
+                      f"\nfind every problem with python -m pack.verify {args.data} --split {args.split}; re-pack or "
+                      f"re-copy those shards", args)
 
 
 def check_whole_split(split: dict, args) -> None:
     """A split packed in part (a --part never run) is refused before any work: its figures would pass for the whole's."""
     note = incomplete_note(split)
-    if note is None:
-        return
-    message = f"{args.data}/{args.split}: {note}"
+    if note is not None:
+        allow_partial(f"{args.data}/{args.split}: {note}", f"; run the missing parts' pack commands, then python -m "
+                      f"pack.merge {args.data}", args)
+
+
+def allow_partial(message: str, what_to_do: str, args) -> None:
+    """An error saying what to do, or with --allow-partial a warning (the outputs then say partial)."""
     if not args.allow_partial:
-        raise SystemExit(f"error: {message}; run the missing parts' pack commands, then python -m pack.merge "
-                         f"{args.data}, or give --allow-partial to score what is there (every output says partial)")
+        raise SystemExit(f"error: {message}{what_to_do}, or give --allow-partial to score what is there (every output "
+                         f"then says partial)")
     print(f"warning: {message}; scored anyway (--allow-partial)")
 
 

@@ -15,9 +15,9 @@ those packed (its CRC-32Cs), or with a label that is not an integer in range or 
 video's is left out (training pools the rest into full batches) and counted in samples
 (`losses`). What DALI cannot do: tell a JPEG whose data is damaged behind an intact header
 in data packed before the checksums (it decodes it, with warnings on the CPU);
-`python -m pack.verify` finds those. On a JPEG it cannot decode at all it stops with an error, and in its CPU mode it has
-crashed the process (a segmentation fault) while doing so: the crash prints where it was
-and what to run.
+`python -m pack.verify` finds those. On a JPEG it cannot decode at all it stops with an
+error, and in its CPU mode it has crashed the process (a segmentation fault) while doing
+so: the crash prints where it was and what to run.
 """
 from __future__ import annotations
 
