@@ -184,7 +184,10 @@ def load_manifest(data: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pack the data first (python -m pack ...), "
                                 f"or join packed parts with python -m pack.merge {data}")
-    manifest = read_json(path, needs=("format_version", "classes", "splits"))
+    try:
+        manifest = read_json(path, needs=("format_version", "classes", "splits"))
+    except BrokenFile as e:
+        raise BrokenFile(f"{e}; python -m pack.merge {data} writes it anew from the splits' plans and records") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {manifest.get('format_version')}, "
                          f"this code reads {FORMAT_VERSION}; re-pack the data")
