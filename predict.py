@@ -79,7 +79,10 @@ def load_stream(name: str, path: Path, data: Path | None, device: torch.device, 
         if data is None:
             raise SystemExit(f"error: {path} does not record how its inputs were packed (trained before predict.py "
                              f"existed); give --data DATA, the packed folder it was trained on")
-        params = load_manifest(data)["splits"][ckpt["args"]["train_split"]]["params"]
+        try:
+            params = load_manifest(data)["splits"][ckpt["args"]["train_split"]]["params"]
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --data: {e}") from None
     a = ckpt["args"]
     stream = Stream(tars=[], indexes=[], modality=a["modality"], flow_len=a["flow_len"] or 1, samples=0,
                     classes=ckpt["classes"])

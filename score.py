@@ -30,7 +30,7 @@ from loaders.common import check_videos, flip_batch, open_stream
 from loaders.plan import Segments
 from outputs import check_outputs, replaced_note
 from pack.files import atomic_write_json
-from pack.manifest import load_manifest, params_differ, split_identity
+from pack.manifest import incomplete_note, load_manifest, params_differ, split_identity
 from training.checkpoints import read_checkpoint
 
 
@@ -70,7 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="loader workers")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     p.add_argument("--allow-partial", action="store_true",
-                   help="score what can be read of a damaged split; the figures and the JSON then say \"partial\"")
+                   help="score what can be read of a damaged split, or of one packed in part (a --part never run); "
+                        "the figures and the JSON then say \"partial\"")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="go on when scores are not finite (NaN, inf): they count as wrong, and the output says how many")
     p.add_argument("--allow-mirrored", action="store_true",
@@ -227,16 +228,18 @@ def protocol(frames: int | None) -> str:
 
 def coverage(frames: dict, split: dict, of_samples: int | None = None) -> dict:
     """What was scored against what the manifest lists (of_samples: what the protocol scores of it): samples and
-    videos, and whether that is all."""
+    videos, and whether that is all (of a whole split)."""
     c = {"samples": len(frames["keys"]), "of_samples": split["samples"] if of_samples is None else of_samples,
-         "videos": len(set(frames["videos"].tolist())), "of_videos": len(split["video_info"])}
-    c["partial"] = c["samples"] < c["of_samples"] or c["videos"] < c["of_videos"]
+         "videos": len(set(frames["videos"].tolist())), "of_videos": len(split["video_info"]),
+         "incomplete": incomplete_note(split)}
+    c["partial"] = c["samples"] < c["of_samples"] or c["videos"] < c["of_videos"] or c["incomplete"] is not None
     c["partial_note"] = coverage_note(c)
     return c
 
 
 def coverage_note(c: dict) -> str:
-    return f"partial: {c['samples']} of {c['of_samples']} samples, {c['videos']} of {c['of_videos']} videos"
+    packed = f" packed; {c['incomplete']}" if c.get("incomplete") else ""
+    return f"partial: {c['samples']} of {c['of_samples']} samples, {c['videos']} of {c['of_videos']} videos{packed}"
 
 
 def lost_shards(losses: list) -> str:
@@ -247,13 +250,26 @@ def lost_shards(losses: list) -> str:
 
 def check_complete(c: dict, losses: list, args) -> None:
     """A split scored in part is an error (its figures would pass for the whole split's) unless --allow-partial."""
-    if not c["partial"]:
-        return
-    message = f"{args.data}/{args.split} was scored in part ({coverage_note(c)}){lost_shards(losses)}"
+    if c["partial"]:
+        allow_partial(f"{args.data}/{args.split} was scored in part ({coverage_note(c)}){lost_shards(losses)}",
+                      f"\nfind every problem with python -m pack.verify {args.data} --split {args.split}; re-pack or "
+                      f"re-copy those shards", args)
+
+
+def check_whole_split(split: dict, args) -> None:
+    """A split packed in part (a --part never run) is refused before any work: its figures would pass for the whole's."""
+    note = incomplete_note(split)
+    if note is not None:
+        allow_partial(f"{args.data}/{args.split}: {note}", f"; run the missing parts' pack commands, then python -m "
+                      f"pack.merge {args.data}", args)
+
+
+def allow_partial(message: str, what_to_do: str, args) -> None:
+    """An error saying what to do, or with --allow-partial a warning (the outputs then say partial)."""
     if not args.allow_partial:
-        raise SystemExit(f"error: {message}\nfind every problem with python -m pack.verify {args.data} --split "
-                         f"{args.split}; re-pack or re-copy those shards, or give --allow-partial to score what is there")
-    print(f"warning: {message}")
+        raise SystemExit(f"error: {message}{what_to_do}, or give --allow-partial to score what is there (every output "
+                         f"then says partial)")
+    print(f"warning: {message}; scored anyway (--allow-partial)")
 
 
 def check_finite(frames: dict, args) -> int:
@@ -328,6 +344,7 @@ def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     json_path = args.results_json or args.out.with_suffix(".json")
     manifest, split = load_split(args)
+    check_whole_split(split, args)
     replaced = check_outputs([("--out", args.out), ("--results-json", json_path)],
                              [args.checkpoint, *split_files(args.data, split)], args.overwrite)
     model, ckpt = load_model(args.checkpoint, device)

@@ -30,6 +30,7 @@ import nets
 from loaders.common import check_fills_a_batch, open_stream
 from pack.files import Lock, check_output_dir, json_text
 from score import positive_int
+from pack.manifest import incomplete_note, load_manifest
 from training.checkpoints import checkpoints, claim_save_dir, remove_stale_temporaries, save_checkpoint
 from training.logs import Logger, Window, plot_curves
 from training.run import Run, plain_args, random_state
@@ -67,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "validation), sharing one crop, scale and flip; the loss is taken on the mean of its K "
                         "logits, and --batch-size counts videos (B x K images a step). Videos of fewer than K "
                         "samples repeat some. Default 1: a sample is a frame (a resumed run keeps its own)")
+    g.add_argument("--allow-partial", action="store_true",
+                   help="train (and validate) on a split packed in part (a --part never run): the log, the "
+                        "checkpoints' data and validation figures then say so")
     g.add_argument("--synthetic-data", action="store_true", help="random tensors on the device instead of data: the model-only ceiling")
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=nets.ARCHS, help="backbone (default: inception_v3, or --init's)")
@@ -171,6 +175,11 @@ def check_before_work(args, world: int) -> list[str]:
             check_fills_a_batch(stream, args.batch_size, world, args.segments or 1)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {args.data}/{args.train_split}: {e}") from None
+    partial = incomplete_splits(args)
+    if partial and not args.allow_partial:
+        raise SystemExit(f"error: {'; '.join(partial.values())}; run the missing parts' pack commands, then python -m "
+                         f"pack.merge {args.data}, or give --allow-partial to train on what is there (marked in the log "
+                         f"and the checkpoints)")
     for s in streams:
         if not s.labelled:
             raise SystemExit(f"error: {args.data}/{s.split} has no labels (every sample's class is -1: packed from "
@@ -187,6 +196,13 @@ def check_before_work(args, world: int) -> list[str]:
         raise SystemExit(f"error: --resume: no checkpoint in {args.save_dir} to resume from")
     check_output_dir(args.save_dir, "--save-dir")
     return stream.classes
+
+
+def incomplete_splits(args) -> dict[str, str]:
+    """The splits this run reads that were packed in part (a --part never run): split -> what is missing."""
+    manifest = load_manifest(args.data)
+    notes = {split: incomplete_note(manifest["splits"][split]) for split in (args.train_split, args.val_split) if split}
+    return {split: f"{args.data}/{split}: {note}" for split, note in notes.items() if note}
 
 
 def build_loaders(args, run: Run, stream, rank: int, world: int, device: torch.device, dtype):
@@ -310,8 +326,11 @@ def stop_here(args, run: Run, done: int, logger: Logger, best: bool, train_loade
 
 
 def train(args, run: Run, step, batches, train_loader, val_loader, logger: Logger, stop: StopRequest, world: int,
-          device: torch.device, dtype) -> dict:
-    """The loop: a batch, a step; a log line, validation and a checkpoint every so many iterations."""
+          device: torch.device, dtype, val_partial: str | None = None) -> dict:
+    """The loop: a batch, a step; a log line, validation and a checkpoint every so many iterations.
+
+    val_partial: what of the val split is missing (--allow-partial), carried by every validation figure.
+    """
     main_rank = logger.on
     window = Window(args.log_every, device, run.start, run.mine["unlogged"] if run.mine else [])
     totals = {"wait": 0.0, "wall": 0.0, "images": 0}  # the first window (warm-up) is left out
@@ -360,6 +379,8 @@ def train(args, run: Run, step, batches, train_loader, val_loader, logger: Logge
         is_best = False
         if validate:
             metrics = evaluate(run.model, val_loader, args.val_batches, dtype, device, world, args.segments)
+            if val_partial:
+                metrics["partial"] = val_partial
             if args.freeze_bn or args.partial_bn:
                 set_bn_eval(run.model, but_first=args.partial_bn)
             run.history["val"].append((done, metrics))
@@ -452,6 +473,9 @@ def main(args: argparse.Namespace) -> dict:
         if args.segments > 1:
             logger.line(segments_note(args, stream))
         logger.line(f"CUDA graph {graph_note}")
+        partial = incomplete_splits(args)
+        for note in partial.values():
+            logger.line(f"note: {note}; trained on what is there (--allow-partial): its figures are of part of the split")
         logger.line(f"arguments: {json_text(plain_args(args), indent=None)}")
         logger.start(run.start)
         run.model.train()
@@ -460,8 +484,11 @@ def main(args: argparse.Namespace) -> dict:
         with StopRequest().installed() as stop:
             step = TrainStep(model, run.optimizer, run.scaler, dtype, graphed, strict=args.cuda_graph == "on",
                              log=logger.line, segments=args.segments)
-            summary = train(args, run, step, batches, train_loader, val_loader, logger, stop, world, device, dtype)
+            summary = train(args, run, step, batches, train_loader, val_loader, logger, stop, world, device, dtype,
+                            partial.get(args.val_split))
         summary["skipped_samples"] = getattr(train_loader, "skipped", 0)
+        if partial:
+            summary["partial"] = list(partial.values())
         if rank == 0:
             plot_curves(run.history, args.save_dir / "curves.png")
             logger.line(f"done: {json_text(summary, indent=None)}; checkpoints and curves.png in {args.save_dir}")

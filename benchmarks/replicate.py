@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pack.manifest import load_manifest
+from pack.manifest import load_manifest, stamped
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
         split["video_info"] = {f"{vid}@{i}": info for i in range(args.times) for vid, info in split["video_info"].items()}
         split["videos"] *= args.times
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "manifest.json").write_text(json.dumps(manifest))
+    (args.out / "manifest.json").write_text(json.dumps(stamped(manifest)))
     print(f"{args.out}: every shard of {args.source} listed {args.times} times")
 
 

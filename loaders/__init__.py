@@ -41,8 +41,10 @@ def build(data: str | Path, split: str, modality: str, train: bool, batch_size: 
     it to keep it.
     Both backends give the same samples of damaged data: what cannot be read is left out and
     counted in samples (`loader.skipped`, `loader.losses`: by shard, with its first key; a
-    warning at each epoch's end), except a JPEG damaged behind an intact header, which DALI
-    decodes (loaders.dali; python -m pack.verify finds them).
+    warning at each epoch's end), bytes that are not those packed (each sample's CRC-32Cs)
+    and labels that are not their video's included; in data packed before the checksums,
+    a JPEG damaged behind an intact header is decoded by DALI (loaders.dali; python -m
+    pack.verify finds them).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stream = open_stream(data, split, modality, flow_len)

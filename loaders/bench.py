@@ -180,7 +180,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    stream = open_stream(args.data, args.split, args.modality, args.flow_len)
+    try:
+        stream = open_stream(args.data, args.split, args.modality, args.flow_len)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     per_sample = len(stream.exts)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     print(f"machine: {platform.processor() or platform.machine()}, {mp.cpu_count()} cores, {gpu}; "

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pack.manifest import load_manifest
-from pack.shards import parse_label as parse_label_bytes
+from pack.shards import CHECKSUMS, parse_label as parse_label_bytes
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -36,6 +36,8 @@ class Stream:
     labelled: bool = True  # False for a split packed without labels (every cls -1)
     data: str = ""  # the DATA folder and split, for messages
     split: str = ""
+    checksummed: list[bool] | None = None  # per shard: packed with per-sample checksums (None: not checked)
+    video_labels: dict[str, int] | None = None  # sample key's video part -> its label in the manifest (None: not checked)
 
     @property
     def exts(self) -> list[str]:
@@ -86,11 +88,18 @@ def open_stream(data: str | Path, split: str, modality: str, flow_len: int | Non
         raise FileNotFoundError(f"{len(missing)} shard index(es) listed in the manifest are missing: {missing[:3]}; "
                                 f"copy them again, or rebuild each from its tar: wds2idx SHARD.tar SHARD.idx "
                                 f"(DALI's tool), then python -m pack.verify {data}")
+    checksummed = [p.get("checksums") == CHECKSUMS for p in pieces]
+    if not all(checksummed):
+        warnings.warn(f"{data}/{split} {modality}: {checksummed.count(False)} of {len(pieces)} shards were packed "
+                      f"before per-sample checksums: their samples are read unchecked (python -m pack.verify {data} "
+                      f"checks their bytes; re-pack to have every read checked)", stacklevel=2)
     return Stream(tars=tars, indexes=indexes, modality=modality, flow_len=use_len if modality == "flow" else 1,
                   samples=sum(p["samples"] for p in pieces), classes=manifest["classes"],
                   shard_samples=[p["samples"] for p in pieces],
                   video_samples=[v["samples"] for v in info["video_info"].values() if v["samples"]],
-                  labelled=any(v["cls"] >= 0 for v in info["video_info"].values()), data=str(data), split=split)
+                  labelled=any(v["cls"] >= 0 for v in info["video_info"].values()), data=str(data), split=split,
+                  checksummed=checksummed,
+                  video_labels={v.get("key", vid): v["cls"] for vid, v in info["video_info"].items()})
 
 
 def check_videos(stream: Stream) -> None:

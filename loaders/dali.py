@@ -10,13 +10,14 @@ the same order, with the same crops and flips as the CPU loader, for any thread 
 prefetch depth, and a resumed run goes on from its position without reading what it skips.
 
 Bad data, as the CPU loader treats it (the same code finds it): a sample past the end of a
-shard cut short, behind a garbled index line, missing a component, or with a label that is
-not an integer in range is left out (training pools the rest into full batches) and counted
-in samples (`losses`). What DALI cannot do: tell a JPEG whose data is damaged behind an
-intact header (it decodes it, with warnings on the CPU); `python -m pack.verify` finds
-those. On a JPEG it cannot decode at all it stops with an error, and in its CPU mode it has
-crashed the process (a segmentation fault) while doing so: the crash prints where it was
-and what to run.
+shard cut short, behind a garbled index line, missing a component, whose bytes are not
+those packed (its CRC-32Cs), or with a label that is not an integer in range or not its
+video's is left out (training pools the rest into full batches) and counted in samples
+(`losses`). What DALI cannot do: tell a JPEG whose data is damaged behind an intact header
+in data packed before the checksums (it decodes it, with warnings on the CPU);
+`python -m pack.verify` finds those. On a JPEG it cannot decode at all it stops with an
+error, and in its CPU mode it has crashed the process (a segmentation fault) while doing
+so: the crash prints where it was and what to run.
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from pack.shards import index_entries, key_of, read_index, whole_samples
+from pack.shards import CHECKSUMS, checksum_problem, index_entries, key_of, read_index, whole_samples
 
-from .common import Stream, check_videos
+from .common import Stream, check_videos, parse_label
 
 
 def epoch_order(shard_samples: list[int], seed: int, epoch: int, train: bool, group: int) -> np.ndarray:
@@ -150,7 +150,9 @@ class ShardReader:
 
     A sample lying past the end of its file (a shard cut short), behind a garbled index line,
     in a shard that cannot be opened, or lacking one of the stream's components raises Lost;
-    so does one its index does not list.
+    so does one its index does not list. So does one whose bytes are not those packed (each
+    member's CRC-32C against the sample's checksums member, in shards packed with them), or
+    whose label is not its video's in the manifest: what is read is what was written.
     """
 
     def __init__(self, stream: Stream, keep: int = 256):
@@ -174,10 +176,34 @@ class ShardReader:
         out = {"__url__": tar, "__key__": key_of(entries[0][3])}
         for ext, start, length, _ in entries:
             out[ext] = data[start:start + length]
-        missing = next((ext for ext in self.stream.exts + ["cls"] if ext not in out), None)
+        checked = self.stream.checksummed is not None and self.stream.checksummed[shard]
+        needed = self.stream.exts + ["cls"]
+        missing = next((ext for ext in needed + [CHECKSUMS] * checked if ext not in out), None)
         if missing:
             raise Lost(tar, out["__key__"], f"missing its {missing}")
+        if checked:
+            problem = checksum_problem(out[CHECKSUMS], [(ext, name, out[ext]) for ext, _, _, name in entries
+                                                        if ext in needed])
+            if problem:
+                raise Lost(tar, out["__key__"], problem)
+        self._check_label(tar, out)
         return out
+
+    def _check_label(self, tar: str, sample: dict) -> None:
+        """Lost unless the sample's cls is its video's label in the manifest (a valid wrong label trains as one)."""
+        labels = self.stream.video_labels
+        if labels is None:
+            return
+        key = sample["__key__"]
+        try:
+            label = parse_label(sample["cls"], self.stream)
+        except ValueError as e:
+            raise Lost(tar, key, str(e)) from None
+        expected = labels.get(key.rsplit("/", 1)[0])
+        if expected is None:
+            raise Lost(tar, key, "its video is not in the manifest")
+        if label != expected:
+            raise Lost(tar, key, f"label {label}, its video's in the manifest is {expected}")
 
     def _shard(self, tar: str, index: str) -> tuple:
         if tar in self._open:

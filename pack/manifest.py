@@ -10,10 +10,11 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, json_safe
 
 FORMAT_VERSION = 1
 PLAN_KEYS = ("params", "classes", "groups")
@@ -50,6 +51,14 @@ def missing_parts(split: dict) -> str:
     lacking = sorted({g % parts for g in missing})
     return (f"part(s) {', '.join(map(str, lacking))} of {parts} (0..{parts - 1}) have not finished: groups "
             f"{', '.join(map(str, missing[:8]))}{' ...' if len(missing) > 8 else ''} have no record")
+
+
+def incomplete_note(split: dict) -> str | None:
+    """None for a split packed whole; else how much of it was packed and which parts are missing."""
+    if split["complete"]:
+        return None
+    return (f"incomplete split: {split['groups_done']} of {split['groups_total']} shard groups packed, "
+            f"{missing_parts(split)}")
 
 
 def build_manifest(data: Path) -> dict:
@@ -128,10 +137,13 @@ def split_identity(data: str | Path, manifest: dict, split: str) -> dict:
     """What an artifact made from one split records of it: the folder, the split, its plan's id, its pack parameters.
 
     Two artifacts of the same split of the same packed data carry the same `plan`; any other
-    split, or data packed from other annotations or with other parameters, another one.
+    split, or data packed from other annotations or with other parameters, another one. A split
+    packed in part (a --part never run) says so (`incomplete`).
     """
     info = manifest["splits"][split]
-    return {"data": str(data), "split": split, "plan": info.get("plan"), "params": info["params"]}
+    incomplete = incomplete_note(info)
+    return {"data": str(data), "split": split, "plan": info.get("plan"), "params": info["params"],
+            **({"incomplete": incomplete} if incomplete else {})}
 
 
 @contextlib.contextmanager
@@ -146,9 +158,20 @@ def data_lock(data: str | Path):
         yield
 
 
+def content_sha256(manifest: dict) -> str:
+    """The SHA-256 of a manifest's content but its own "sha256" (keys sorted: the file's layout does not count)."""
+    body = json_safe({k: v for k, v in manifest.items() if k != "sha256"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def stamped(manifest: dict) -> dict:
+    """The manifest with the hash of its content, which every reader checks (load_manifest)."""
+    return {**manifest, "sha256": content_sha256(manifest)}
+
+
 def write_manifest(data: Path) -> dict:
     with data_lock(data):
-        manifest = build_manifest(data)
+        manifest = stamped(build_manifest(data))
         atomic_write_json(Path(data) / "manifest.json", manifest)
         if manifest["classes"]:
             atomic_write_bytes(Path(data) / "classes.txt", ("\n".join(manifest["classes"]) + "\n").encode())
@@ -161,8 +184,18 @@ def load_manifest(data: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pack the data first (python -m pack ...), "
                                 f"or join packed parts with python -m pack.merge {data}")
-    manifest = read_json(path, needs=("format_version", "classes", "splits"))
+    try:
+        manifest = read_json(path, needs=("format_version", "classes", "splits"))
+    except BrokenFile as e:
+        raise BrokenFile(f"{e}; python -m pack.merge {data} writes it anew from the splits' plans and records") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {manifest.get('format_version')}, "
                          f"this code reads {FORMAT_VERSION}; re-pack the data")
+    if "sha256" not in manifest:
+        warnings.warn(f"{path} carries no checksum (written before pack recorded one): its content is read unchecked; "
+                      f"python -m pack.merge {data} rewrites it with one", stacklevel=2)
+    elif manifest["sha256"] != content_sha256(manifest):
+        raise BrokenFile(f"{path} is damaged: its content is not what pack wrote (its SHA-256 is not the one it "
+                         f"carries: a flipped bit, or an edit by hand); rebuild it from the splits' plans and records "
+                         f"with python -m pack.merge {data}, then check the shards with python -m pack.verify {data}")
     return manifest

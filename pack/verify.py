@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .files import file_sha256
 from .manifest import load_manifest
-from .shards import index_entries, key_of, parse_label, read_index
+from .shards import CHECKSUMS, checksum_problem, index_entries, key_of, parse_label, read_index, whole_samples
 from .workers import die_with_parent
 
 
@@ -80,6 +80,11 @@ def check_shard(data: Path, piece: dict, modality: str, exts: list[str], expecte
         lines = read_index(idx_path)
     except ValueError as e:
         return problems + [f"{idx_path.name}: {e}"], []
+    if broken is None:  # a tar cut at a block boundary reads as a shorter whole one: its index tells
+        cut = whole_samples(lines, tar_path.stat().st_size)[2]
+        if cut and cut.startswith("truncated"):
+            broken = cut
+            problems.append(f"{name}: {broken}")
     if len(lines) != piece["samples"]:
         problems.append(f"{idx_path.name}: {len(lines)} samples, the manifest says {piece['samples']}")
     keys, indexed, size = [], set(), tar_path.stat().st_size
@@ -98,7 +103,7 @@ def check_shard(data: Path, piece: dict, modality: str, exts: list[str], expecte
                 keys += [key_of(rest.split()[3]) for rest in lines[number - 1:] if len(rest.split()) > 3]  # indexed, lost
                 break
             problems += check_sample(f, name, key, entries, members, indexed, exts, expected_cls, num_classes,
-                                     labelled)
+                                     labelled, piece.get("checksums") == CHECKSUMS)
     unindexed = sorted(set(members) - indexed)
     if unindexed and not broken:
         problems.append(f"{name}: {len(unindexed)} member(s) the index does not list, the first {unindexed[0]}")
@@ -106,8 +111,8 @@ def check_shard(data: Path, piece: dict, modality: str, exts: list[str], expecte
 
 
 def check_sample(f, shard: str, key: str, entries: list, members: dict, indexed: set, exts: list[str],
-                 expected_cls: dict[str, int], num_classes: int, labelled: bool) -> list[str]:
-    """The problems of one sample: its index entries against the tar, its components, JPEGs and label."""
+                 expected_cls: dict[str, int], num_classes: int, labelled: bool, checksummed: bool) -> list[str]:
+    """The problems of one sample: its index entries against the tar, its components, their checksums, JPEGs, label."""
     problems, parts = [], {}
     for ext, start, size, member in entries:
         indexed.add(member)
@@ -117,9 +122,14 @@ def check_sample(f, shard: str, key: str, entries: list, members: dict, indexed:
             continue
         f.seek(start)
         parts[ext] = f.read(size)
-    for ext in exts + ["cls"]:
+    for ext in exts + ["cls"] + [CHECKSUMS] * checksummed:
         if ext not in {e for e, *_ in entries}:
             problems.append(f"{shard}: {key}: no {ext}")
+    if CHECKSUMS in parts:
+        problem = checksum_problem(parts[CHECKSUMS], [(ext, member, parts[ext]) for ext, _, _, member in entries
+                                                      if ext in parts and ext != CHECKSUMS])
+        if problem:
+            problems.append(f"{shard}: {key}: {problem}")
     for ext in exts:
         if ext in parts:
             try:

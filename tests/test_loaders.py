@@ -20,10 +20,10 @@ import torch
 import loaders
 from loaders.common import FLOW_MEAN, FLOW_STD, IMAGENET_MEAN, IMAGENET_STD
 from conftest import ROOT
-from pack.manifest import load_manifest, write_manifest
+from pack.manifest import load_manifest, stamped, write_manifest
 from pack.packer import PackParams
 from pack.files import atomic_write_json
-from pack.shards import ShardWriter
+from pack.shards import CHECKSUMS, ShardWriter, checksum_table, key_of
 
 BACKENDS = ["cpu", "dali"]
 
@@ -69,7 +69,8 @@ def make_split(root, split: str, samples: list[tuple[str, dict[str, bytes]]], fl
             w.write(key, {ext: b for ext, b in parts.items() if ext.startswith(m) or ext == "cls"})
     for w in writers.values():
         w.close()
-    videos = {k.split("/")[0]: {"label": "a", "cls": 0, "frames": 1, "samples": 1} for k, _ in samples}
+    videos = {k.split("/")[0]: {"label": "ab"[int(parts["cls"])], "cls": int(parts["cls"]), "frames": 1, "samples": 1}
+              for k, parts in samples}
     atomic_write_json(split_dir / "plan.json", {"params": params.__dict__, "classes": ["a", "b"], "groups": [[]]})
     atomic_write_json(split_dir / "records" / "00000.json", {"group": 0, "shards": {m: w.finished for m, w in writers.items()},
                                                             "videos": videos, "failed": {}, "seconds": {}})
@@ -209,17 +210,26 @@ def read_all(data, backend: str, train: bool = False, **kw):
 
 
 def rewrite_member(tar_path, name_end: str, data: bytes | None) -> str:
-    """Replace (or, with None, drop) the first member whose name ends with name_end; its name."""
+    """Replace (or, with None, drop) the first member whose name ends with name_end; its name.
+
+    The sample's checksums are made anew to match (as if it had been packed so): what is tested
+    is what a reader makes of such a member, not that its bytes changed.
+    """
     with tarfile.open(tar_path) as t:
         members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
     target = next(m.name for m, _ in members if m.name.endswith(name_end))
+    key = key_of(target)
+    sample = {m.name[len(key) + 1:]: (data if m.name == target else b) for m, b in members
+              if key_of(m.name) == key and not m.name.endswith(CHECKSUMS) and not (m.name == target and data is None)}
     with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as t:
         for m, b in members:
             if m.name == target:
                 if data is None:
                     continue
                 b = data
-                m.size = len(b)
+            elif m.name == f"{key}.{CHECKSUMS}":
+                b = checksum_table(key, sample)
+            m.size = len(b)
             t.addfile(m, io.BytesIO(b))
     from wds2idx import IndexCreator  # keep the DALI index true to the new tar
 
@@ -268,7 +278,7 @@ def test_a_zero_byte_shard_loses_its_samples_and_an_empty_one_is_valid(data, tmp
     manifest = load_manifest(copy)
     manifest["splits"]["val"]["shards"]["rgb"][0]["samples"] = 0
     manifest["splits"]["val"]["samples"] -= piece["samples"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "manifest.json").write_text(json.dumps(stamped(manifest)))
     for backend in BACKENDS:
         _, _, keys, loader, caught = read_all(copy, backend)
         assert len(keys) == split["samples"] - piece["samples"] and loader.skipped == 0 and not caught, backend

@@ -222,7 +222,7 @@ def test_ids_the_shard_formats_cannot_carry_pack_under_safe_keys(tmp_path):
     assert all(re.fullmatch(r"[A-Za-z0-9_/-]+", k) for k in keys) and len(keys) == 2
     for piece in split["shards"]["rgb"]:
         for line in (out / piece["idx"]).read_text().splitlines()[1:]:
-            assert len(line.split()) == 8  # ext offset size name, twice: parseable
+            assert len(line.split()) == 12  # ext offset size name, three times (rgb.jpg, cls, crc32c): parseable
     import loaders
 
     seen = {}
@@ -338,13 +338,17 @@ def test_verify_checks_every_byte_against_the_packed_hashes_first(data, tmp_path
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"val/rgb/{shard.name}: its bytes changed since it was packed (SHA-256 differs from the " \
                      f"manifest's): copy it again from the source, or re-pack its group"
-    assert out[-1].startswith(f"1 problem(s) in {copy}")  # the rest of the checks pass: only the hash finds it
-    # a manifest of an earlier version (no hashes): verified as before, and it says the hashes are absent
+    assert re.fullmatch(f"val/rgb/{shard.name}: .*/[0-9]{{6}}: damaged: its rgb.jpg is not what was packed "
+                        r"\(CRC-32C mismatch\)", out[1])  # and the sample's checksums name the sample
+    assert out[-1].startswith(f"2 problem(s) in {copy}")  # the rest of the checks pass
+    # a manifest of an earlier version (no hashes, no checksums): verified as before, and it says the hashes are absent
+    shutil.copyfile(data / pieces[1]["tar"], shard)
     manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["sha256"]
     for split in manifest["splits"].values():
         for modality_pieces in split["shards"].values():
             for piece in modality_pieces:
-                del piece["sha256"], piece["idx_sha256"]
+                del piece["sha256"], piece["idx_sha256"], piece["checksums"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert verify([str(copy), "--split", "val", "--workers", "2"]) == 0
     out = capsys.readouterr().out

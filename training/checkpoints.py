@@ -15,13 +15,36 @@ import torch
 CHECKPOINT_KEYS = ("model", "args", "classes", "iteration")  # what every train.py checkpoint holds
 
 
+def damage(data: bytes) -> str | None:
+    """What is damaged in a checkpoint's bytes, or None: each record of torch.save's zip (the pickle, each tensor's
+    storage) carries a CRC-32 of its bytes, which torch.load does not check; this checks them all.
+
+    Bytes that are not a whole zip (cut short, another kind of file) are left to torch.load to name.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    try:
+        bad = archive.testzip()
+    except Exception as e:  # a damaged record header: its bytes cannot even be found
+        return f"its zip records are unreadable ({type(e).__name__}: {str(e)[:80]})"
+    return f"its record {bad} is not the bytes torch.save wrote (CRC-32 mismatch)" if bad else None
+
+
 def read_checkpoint(path: Path, flag: str) -> dict:
     """A train.py checkpoint, loaded safely (weights_only), or one line saying what the file is instead.
 
-    It holds the SHA-256 of the bytes loaded as "file_sha256" (what artifacts made from it
-    record): hashed as read, since a training run may replace latest.pt meanwhile.
+    Every byte is checked first (damage): a flipped bit in a weight would load silently, one
+    in the pickle would read as a pickle of other objects. It holds the SHA-256 of the bytes
+    loaded as "file_sha256" (what artifacts made from it record): hashed as read, since a
+    training run may replace latest.pt meanwhile.
     """
     data = Path(path).read_bytes()
+    damaged = damage(data)
+    if damaged:
+        raise SystemExit(f"error: {flag} {path} is damaged: {damaged}; copy it again, or take another checkpoint "
+                         f"of its run")
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -112,8 +135,13 @@ def save_checkpoint(state: dict, save_dir: Path, keep: int, best: bool) -> None:
 def load_checkpoint(save_dir: Path, log) -> dict:
     """The newest checkpoint that loads; a broken one is reported and the previous one tried."""
     for path in checkpoints(save_dir):
+        data = path.read_bytes()
+        damaged = damage(data)
+        if damaged:
+            log(f"checkpoint {path} is damaged: {damaged}; trying the previous one")
+            continue
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # truncated or corrupt file: say so, fall back
             log(f"checkpoint {path} does not load ({type(e).__name__}: {e}); trying the previous one")
     raise SystemExit(f"error: no checkpoint in {save_dir} loads")

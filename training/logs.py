@@ -96,6 +96,7 @@ class Logger:
 
     def val(self, iteration: int, metrics: dict, is_best: bool) -> None:
         bad = f", {metrics['non_finite']} not finite, counted wrong" if metrics["non_finite"] else ""
+        bad += f"; partial: {metrics['partial']}" if "partial" in metrics else ""
         what, unit = ("video", "videos") if metrics.get("segments", 1) > 1 else ("frame", "samples")  # --segments K
         self.line(f"validation at {iteration}: {what} top-1 {metrics['top1']:.3f} top-3 {metrics['top3']:.3f} "
                   f"loss {metrics['loss']:.3f} ({metrics['samples']} {unit}{bad}){' best' if is_best else ''}")
