@@ -147,7 +147,7 @@ def score_video(path: Path, streams: list[dict], args, device: torch.device) -> 
         if rgb_only:  # no flow needed: none computed
             params = PackParams(**{**params.__dict__, "flow_len": 0})
         parts = {s["name"]: ([], [], []) for s in group}  # frame indices, logits, scores
-        samples = video_samples(path, params, make_flow_fn(params.flow), Timer())
+        samples = video_samples(path, params, make_flow_fn(params.flow), Timer(), ended)
         with tqdm(desc=f"{path.name} ({', '.join(parts)})", unit="sample", leave=False) as bar:
             for batch in in_batches(samples, args.batch_size, ended, rgb_only):
                 for s in group:
@@ -158,7 +158,15 @@ def score_video(path: Path, streams: list[dict], args, device: torch.device) -> 
         for name, (times, logits, probs) in parts.items():
             out[name] = {"frames": np.concatenate(times), "logits": np.concatenate(logits),
                          "scores": np.concatenate(probs), "params": params}
-    return {"streams": out, "frames": ended["frames"]}
+    return {"streams": out, "frames": ended["frames"], "notes": display_notes(ended)}
+
+
+def display_notes(info: dict) -> list[str]:
+    """What a video's decoding says beside its figures: a picture turned as a player shows it, which stream was read."""
+    turned = [f"rotated {info['rotation']} degrees"] if info.get("rotation") else []
+    turned += ["mirrored"] if info.get("mirrored") else []
+    notes = [f"{' and '.join(turned)} as its display matrix says (as a player shows it)"] if turned else []
+    return notes + ([info["video_stream"]] if "video_stream" in info else [])
 
 
 def video_values(frame_values: np.ndarray, class_topk: int) -> np.ndarray:
@@ -196,7 +204,8 @@ def predict_video(path: Path, streams: list[dict], weights: dict, args, device: 
         if bad and not args.allow_non_finite:
             raise VideoError(f"not finite: {bad} of {len(s['logits'])} {name} samples scored NaN or inf (the model "
                              f"overflows on them); --allow-non-finite predicts it anyway")
-    one = {"streams": scored["streams"], "frames": scored["frames"], "note": None,
+    notes = scored["notes"]
+    one = {"streams": scored["streams"], "frames": scored["frames"],
            "videos": {n: video_values(s["scores"], args.class_topk) for n, s in scored["streams"].items()}}
     if len(streams) == 2:
         one["fused"], one["fused_frames"] = fused(scored["streams"], weights, args.fuse_on, args.class_topk)
@@ -205,8 +214,9 @@ def predict_video(path: Path, streams: list[dict], weights: dict, args, device: 
     one["top"] = np.argsort(-one["fused"], kind="stable")
     stack = max(s["params"].flow_len for s in scored["streams"].values())
     if stack and scored["frames"] <= stack:
-        one["note"] = (f"{scored['frames']} frames: shorter than one flow stack ({stack + 1} frames); "
-                       f"its last flow image is repeated, as pack does")
+        notes.append(f"{scored['frames']} frames: shorter than one flow stack ({stack + 1} frames); "
+                     f"its last flow image is repeated, as pack does")
+    one["note"] = "; ".join(notes) or None
     return one
 
 

@@ -432,6 +432,14 @@ def report(records: list[dict], split: dict, wall: float, args: argparse.Namespa
             print(f"  {vid}: {reason}")
         if len(split["failed"]) > 20:
             print(f"  ... and {len(split['failed']) - 20} more")
+    packed = {vid: v for r in records for vid, v in r["videos"].items()}
+    turned = sum(1 for v in packed.values() if v.get("rotation") or v.get("mirrored"))
+    if turned:
+        print(f"{turned} videos turned upright as a player shows them (their display rotation or mirror; "
+              f"video_info's rotation and mirrored in the manifest)")
+    for vid, v in sorted(packed.items()):
+        if "video_stream" in v:
+            print(f"  {vid}: {v['video_stream']}")
 
 
 if __name__ == "__main__":
