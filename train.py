@@ -67,12 +67,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-bn", action="store_true", help="batch-norm layers in eval mode (statistics frozen), as the original")
     g = p.add_argument_group("optimisation (SGD as the original: biases at 2x lr, no decay)")
     g.add_argument("--batch-size", type=int, default=64, help="samples per iteration on each GPU")
-    g.add_argument("--lr", type=float, default=0.001, help="base learning rate")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on biases or norms)")
-    g.add_argument("--max-iterations", type=int, default=500_000, help="iterations to train")
-    g.add_argument("--step-values", type=int, nargs="*", default=[200_000, 400_000], help="iterations where lr drops")
-    g.add_argument("--gamma", type=float, default=0.1, help="lr factor at each step value")
+    # Their defaults are in training.run.RUN_FLAGS: with --resume, a flag not given keeps the run's value, and one
+    # given anew applies from the resumed iteration on (the schedule rebuilt from it).
+    g.add_argument("--lr", type=float, help="base learning rate (default: 0.001)")
+    g.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
+    g.add_argument("--weight-decay", type=float, help="weight decay, not on biases or norms (default: 5e-4)")
+    g.add_argument("--max-iterations", type=int, help="iterations to train (default: 500000)")
+    g.add_argument("--step-values", type=int, nargs="*", help="iterations where lr drops (default: 200000 400000)")
+    g.add_argument("--gamma", type=float, help="lr factor at each step value (default: 0.1)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (auto: bf16 where supported, else fp16; off on CPU)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on tensor cores)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -332,7 +334,8 @@ def train(args, run: Run, step, batches, train_loader, val_loader, logger: Logge
                        **({"skipped_steps": skipped_steps} if scale is not None else {})}
             run.history["train"].append((done, figures["loss"]))
             logger.train(done, figures)
-            window.reset(done)
+            if done % args.log_every == 0:  # the end's line off the grid: its losses stay for a longer resumed run
+                window.reset(done)
         is_best = False
         if validate:
             metrics = evaluate(run.model, val_loader, args.val_batches, dtype, device, world)
