@@ -62,7 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-topk", type=metrics.class_topk_arg, default=0, help="video score per class = mean of its K best frame scores (0: mean of all frames)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch")
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "cpu"], help="loader backend")
-    p.add_argument("--workers", type=int, default=4, help="loader workers")
+    p.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))),
+                   help="loader workers (default: the cores this process may use, at most 4)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     p.add_argument("--allow-partial", action="store_true",
                    help="score what can be read of a damaged split; the figures and the JSON then say \"partial\"")
@@ -293,7 +294,8 @@ def print_figures(frames: dict, vscores: np.ndarray, vlabels: np.ndarray, notes:
                          f"non-finite scores counted as wrong"]
     print(f"frame top-1 {figures['frame_top1']:.4f}  top-3 {figures['frame_top3']:.4f}  |  "
           f"video top-1 {figures['video_top1']:.4f}  top-5 {figures['video_top5']:.4f}  "
-          f"mean error {figures['mean_error']:.4f}  mAP {figures['video_mAP']:.4f}"
+          f"mean error {figures['mean_error']:.4f}  mAP {figures['video_mAP_anet']:.4f} (ActivityNet's: interpolated, "
+          f"top-5 labels), {figures['video_mAP_sklearn']:.4f} (scikit-learn's: all scores)"
           + (f"  ({'; '.join(notes)})" if notes else ""))
     return figures
 
