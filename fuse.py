@@ -23,12 +23,14 @@ import itertools
 import json
 import math
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 import metrics
 from outputs import check_outputs, replaced_note
+from pack.annotations import class_difference
 from pack.files import atomic_write_bytes, atomic_write_json, file_sha256
 
 COLUMNS = ["frame_top1", "frame_top3", "video_top1", "video_top5", "mean_error", "video_mAP_anet", "video_mAP_sklearn"]
@@ -44,6 +46,10 @@ def read_score_file(path: Path) -> tuple[dict, dict]:
     if not Path(path).is_file():
         raise SystemExit(f"error: scores file {path} not found")
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip's start without its end (its table of contents is last)
+                raise SystemExit(f"error: {path} is cut short (a zip without its end: a copy or a write that did not "
+                                 f"finish); copy it again, or score the split again with score.py")
         raise SystemExit(f"error: {path} is not a score file (score.py writes a .npz, a zip of arrays); give the .npz "
                          f"score.py --out wrote")
     try:
@@ -54,9 +60,9 @@ def read_score_file(path: Path) -> tuple[dict, dict]:
                                  f"give the .npz score.py --out wrote")
             arrays = {k: z[k] for k in SCORE_ARRAYS}
         meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise SystemExit(f"error: {path} is not a readable score file ({type(e).__name__}: {e}); "
-                         f"score the split again with score.py") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise SystemExit(f"error: {path} is damaged: its bytes are not what score.py wrote ({type(e).__name__}: {e}); "
+                         f"copy it again, or score the split again with score.py") from None
     return arrays, meta
 
 
@@ -211,11 +217,25 @@ def notes(streams: list[dict], rows: dict, missing: dict) -> list[str]:
             for s in streams if s["meta"].get("other_pack_params")]
     out += [f"{s['name']}: scored on part of the split ({s['meta']['coverage']['partial_note']})"
            for s in streams if s["meta"].get("coverage", {}).get("partial")]
+    out += same_scores_twice(streams)
     for name, r in rows.items():
         if r["frames_non_finite"] or r["videos_non_finite"]:
             out.append(f"{name}: {r['frames_non_finite']} frames and {r['videos_non_finite']} videos of non-finite "
                        f"scores, counted as wrong")
     return out
+
+
+def same_scores_twice(streams: list[dict]) -> list[str]:
+    """Score files of one checkpoint on one split with the same views (copies of DATA scored apart): their fusion is
+    that stream with itself, however their files differ."""
+    twins: dict[tuple, list[str]] = {}
+    for s in streams:
+        m = s["meta"]
+        if m.get("checkpoint_sha256") and identity(s):
+            twins.setdefault((m["checkpoint_sha256"], identity(s), m.get("tta"), m.get("class_topk")), []).append(s["name"])
+    return [f"{' and '.join(names)} are one checkpoint (sha256 {key[0][:12]}) scored on one split (plan {key[1][1]}) with "
+            f"the same views: fused, they are that stream with itself, weighed more, not two streams"
+            for key, names in twins.items() if len(names) > 1]
 
 
 def markdown_table(rows: dict) -> str:
@@ -292,8 +312,9 @@ def load_streams(paths: list[Path], args: argparse.Namespace) -> tuple[list[dict
     for s in streams[1:]:
         if s["classes"] != streams[0]["classes"]:
             raise SystemExit(f"error: {s['path']} has another class list than {streams[0]['path']} "
-                             f"({len(s['classes'])} vs {len(streams[0]['classes'])} classes); score both on data packed "
-                             f"with the same classes")
+                             f"({len(s['classes'])} vs {len(streams[0]['classes'])} classes: "
+                             f"{class_difference(s['classes'], streams[0]['classes'], s['path'], streams[0]['path'])}); "
+                             f"score both on data packed with the same classes")
     return streams, check_one_split(streams, args.allow_mixed)
 
 

@@ -35,6 +35,7 @@ import score
 from loaders.common import RESIZE_RATIO, Stream, normalise
 from loaders.cpu import eval_view
 from outputs import check_outputs, file_identity, replaced_note
+from pack.annotations import class_difference
 from pack.files import atomic_write_json
 from pack.flow import make_flow_fn
 from pack.manifest import load_manifest
@@ -315,7 +316,9 @@ def load_streams(args, device: torch.device) -> list[dict]:
     classes = streams[0]["stream"].classes
     if len(streams) == 2 and streams[1]["stream"].classes != classes:
         raise SystemExit(f"error: {args.rgb} and {args.flow} were trained on other class lists ({len(classes)} vs "
-                         f"{len(streams[1]['stream'].classes)} classes); fuse streams trained on the same classes")
+                         f"{len(streams[1]['stream'].classes)} classes: "
+                         f"{class_difference(classes, streams[1]['stream'].classes, '--rgb', '--flow')}); "
+                         f"fuse streams trained on the same classes")
     return streams
 
 

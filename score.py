@@ -28,6 +28,7 @@ import metrics
 import nets
 from loaders.common import flip_batch, open_stream
 from outputs import check_outputs, replaced_note
+from pack.annotations import class_difference
 from pack.files import atomic_write_json
 from pack.manifest import load_manifest, params_differ, split_identity
 from training.checkpoints import read_checkpoint
@@ -112,7 +113,9 @@ def check_inputs(ckpt: dict, manifest: dict, split: dict, args) -> str | None:
     """
     if manifest["classes"] and manifest["classes"] != ckpt["classes"]:
         raise SystemExit(f"error: {args.data} has another class list than the checkpoint ({len(manifest['classes'])} "
-                         f"vs {len(ckpt['classes'])}); pack the split with --classes from the training data")
+                         f"vs {len(ckpt['classes'])}: "
+                         f"{class_difference(manifest['classes'], ckpt['classes'], str(args.data), 'the checkpoint')}); "
+                         f"pack the split with --classes from the training data")
     check_mirrored_views(ckpt, args.tta, args.allow_mirrored, args.checkpoint)
     trained = ckpt.get("pack_params")
     if trained is None:

@@ -29,8 +29,8 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from .annotations import (AnnotationError, Annotations, Clip, check_disjoint, class_list, deduplicated, read_class_file,
-                          read_folders, read_hmdb51, read_kinetics, read_list, read_ucf101, SPLIT_ALIASES)
+from .annotations import (AnnotationError, Annotations, Clip, check_disjoint, class_difference, class_list, deduplicated,
+                          read_class_file, read_folders, read_hmdb51, read_kinetics, read_list, read_ucf101, SPLIT_ALIASES)
 from .files import Lock, atomic_write_json, check_output_dir
 from .manifest import PLAN_KEYS, BrokenFile, data_lock, plan_id, read_json, write_manifest
 from .packer import PackParams, pack_group
@@ -260,7 +260,8 @@ def split_plan(args, split: str, clips: list[Clip], annotations: Annotations, cl
     layout = annotations.classes
     if given and layout and given != layout and not (annotations.classes_subset and set(layout) <= set(given)):
         raise SystemExit(f"error: {args.out} holds another class list ({len(given)} classes) than these annotations' "
-                         f"({len(layout)}); pack them into another --out")
+                         f"({len(layout)}: {class_difference(given, layout, str(args.out), 'the annotations')}); "
+                         f"pack them into another --out")
     try:
         classes = class_list(clips, given or layout)
     except ValueError as e:

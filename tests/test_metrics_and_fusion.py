@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -53,14 +54,15 @@ def test_per_class_accuracy_and_confusion():
 
 
 def write_scores(path, videos: dict[str, tuple[int, list[float]]], modality: str, classes=("a", "b"), split="val",
-                 plan=None):
+                 plan=None, compressed=False, **meta):
     """A score.py-format file with one frame per video, scored on `split` (of plan `plan`, default one per split)."""
     keys = sorted(videos)
-    np.savez(path, keys=np.array([f"{v}/000000" for v in keys]), videos=np.array(keys), frames=np.zeros(len(keys), int),
+    (np.savez_compressed if compressed else np.savez)(path, keys=np.array([f"{v}/000000" for v in keys]), videos=np.array(keys), frames=np.zeros(len(keys), int),
              labels=np.array([videos[v][0] for v in keys]), scores=np.array([videos[v][1] for v in keys], np.float32),
              logits=np.log(np.array([videos[v][1] for v in keys], np.float32)), classes=np.array(classes),
              meta=np.array(json.dumps({"modality": modality, "split": split, "checkpoint": f"{modality}.pt",
-                                       "scored": {"data": "data", "split": split, "plan": plan or f"plan-{split}"}})))
+                                       "scored": {"data": "data", "split": split, "plan": plan or f"plan-{split}"},
+                                       **meta})))
     return path
 
 
@@ -244,3 +246,37 @@ def test_score_workers_default_fits_the_cores_it_may_use():
             "print(score.get_args_parser().parse_args(['--checkpoint', 'c', '--data', 'd', '--out', 'o']).workers)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"
+
+
+def test_score_files_that_do_not_fit_are_named_for_what_is_wrong(tmp_path):
+    """Another class list names the classes; a file cut short is called cut short, a damaged one damaged (score.py
+    writes compressed arrays: a flipped byte is a zlib error inside numpy), each in one line."""
+    rgb = write_scores(tmp_path / "rgb.npz", {"v1": (0, [0.8, 0.1, 0.1]), "v2": (1, [0.2, 0.7, 0.1])}, "rgb",
+                       classes=("a", "b", "c"), compressed=True)
+    flow = write_scores(tmp_path / "flow.npz", {"v1": (0, [0.8, 0.1, 0.1]), "v2": (1, [0.2, 0.7, 0.1])}, "flow",
+                        classes=("a", "c", "d"))
+    with pytest.raises(SystemExit, match=r"another class list .*only in .*flow.npz: 'd'; only in .*rgb.npz: 'b'"):
+        run_fuse(rgb, flow, "--out", tmp_path / "out")
+    data = rgb.read_bytes()
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit, match="cut.npz is cut short"):
+        run_fuse(cut, "--out", tmp_path / "out")
+    with zipfile.ZipFile(rgb) as z:
+        member = z.getinfo("scores.npy")
+    damaged = tmp_path / "damaged.npz"
+    middle = member.header_offset + 30 + len(member.filename) + member.compress_size // 2
+    damaged.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    with pytest.raises(SystemExit, match=r"damaged.npz is damaged: its bytes are not what score.py wrote \((error|BadZipFile)"):
+        run_fuse(damaged, "--out", tmp_path / "out")
+
+
+def test_one_checkpoint_scored_on_two_copies_of_the_data_and_fused_gets_a_note(tmp_path, capsys):
+    videos = {"v1": (0, [0.8, 0.2]), "v2": (1, [0.3, 0.7])}
+    same = {"checkpoint_sha256": "ab" * 32, "tta": "none", "class_topk": 0}
+    a = write_scores(tmp_path / "a.npz", videos, "rgb", **same)
+    b = write_scores(tmp_path / "b.npz", videos, "rgb", **same, data="copy")  # another DATA path: another file
+    report = run_fuse(a, b, "--out", tmp_path / "out")
+    note = ("RGB (a) and RGB (b) are one checkpoint (sha256 abababababab) scored on one split (plan plan-val) with the "
+            "same views: fused, they are that stream with itself, weighed more, not two streams")
+    assert note in report["notes"] and f"note: {note}" in capsys.readouterr().out

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import nets
+from pack.annotations import class_difference
 from pack.manifest import load_manifest, params_differ, split_identity
 
 from .checkpoints import load_checkpoint, read_checkpoint
@@ -99,7 +100,8 @@ def check_same_data(args, resumed: dict, classes: list[str], data: dict) -> None
     """A resumed run goes on with the data it started on: the same classes, the same packed split (when recorded)."""
     if resumed["classes"] != classes:
         raise SystemExit(f"error: the checkpoint has {len(resumed['classes'])} classes, {args.data} has "
-                         f"{len(classes)}: resume with the data it was trained on")
+                         f"{len(classes)} ({class_difference(resumed['classes'], classes, 'the checkpoint', str(args.data))})"
+                         f": resume with the data it was trained on")
     was = resumed.get("data")  # checkpoints before provenance do not say
     if was and (was["split"], was["plan"]) != (data["split"], data["plan"]):
         raise SystemExit(f"error: --resume: the run in {args.save_dir} was trained on {was['data']}/{was['split']} "
