@@ -29,7 +29,7 @@ import nets
 from loaders.common import flip_batch, open_stream
 from outputs import check_outputs, replaced_note
 from pack.annotations import class_difference
-from pack.files import atomic_write_json
+from pack.files import Lock, atomic_write_json
 from pack.manifest import load_manifest, params_differ, split_identity
 from training.checkpoints import read_checkpoint
 
@@ -307,8 +307,28 @@ def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     json_path = args.results_json or args.out.with_suffix(".json")
     manifest, split = load_split(args)
+    if args.out.exists() and not json_path.exists() and not args.overwrite:
+        raise SystemExit(f"error: --out {args.out} exists without its result JSON {json_path}: an earlier run was "
+                         f"stopped between writing the two (killed?), its result is not whole; give --overwrite to "
+                         f"score again")
     replaced = check_outputs([("--out", args.out), ("--results-json", json_path)],
                              [args.checkpoint, *split_files(args.data, split)], args.overwrite)
+    with Lock(args.out.with_name(f".{args.out.name}.lock")).acquire(f"--out {args.out}"):  # one run per --out
+        remove_stale_temporaries(args.out, json_path)
+        return score_split(args, device, json_path, manifest, split, replaced)
+
+
+def remove_stale_temporaries(*outputs: Path) -> None:
+    """Temporaries of an earlier run killed while writing these outputs (under their lock: no run writes them now)."""
+    stale = [tmp for path in outputs for tmp in path.parent.glob(f".{path.name}.tmp*")]
+    for tmp in stale:
+        tmp.unlink()
+    if stale:
+        print(f"removed {len(stale)} half-written file(s) of an earlier run killed while writing: {stale[0]}")
+
+
+def score_split(args, device: torch.device, json_path: Path, manifest: dict, split: dict, replaced: list) -> dict:
+    """The work of main, under the --out lock: score, write the score file and the result JSON, print the figures."""
     model, ckpt = load_model(args.checkpoint, device)
     other_params = check_inputs(ckpt, manifest, split, args)
     meta = {"modality": ckpt["args"]["modality"], "arch": ckpt["args"]["arch"], **provenance(args, ckpt, manifest)}
@@ -319,13 +339,18 @@ def main(args: argparse.Namespace) -> dict:
     video_ids, vscores = metrics.video_scores(frames["scores"], frames["videos"], args.class_topk)
     partial = scored["partial_note"] if scored["partial"] else None
     meta.update(coverage=scored, non_finite_rows=non_finite, other_pack_params=other_params)
-    tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}.npz")  # two runs at once: each its own
-    np.savez_compressed(tmp, **frames, classes=np.array(ckpt["classes"]), meta=np.array(json.dumps(meta)))
-    tmp.replace(args.out)
-
+    tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}.npz")
     youtube_ids = {v: info.get("youtube_id") or v for v, info in split["video_info"].items()}
     doc = results_json(video_ids, vscores, ckpt["classes"], youtube_ids, partial)
-    atomic_write_json(json_path, {**doc, "other_pack_params": other_params} if other_params else doc)
+    try:
+        np.savez_compressed(tmp, **frames, classes=np.array(ckpt["classes"]), meta=np.array(json.dumps(meta)))
+        tmp.replace(args.out)
+        atomic_write_json(json_path, {**doc, "other_pack_params": other_params} if other_params else doc)
+    except OSError as e:  # a full disk: nothing half-written stays
+        tmp.unlink(missing_ok=True)
+        written = f"{args.out} is written, {json_path} not" if args.out.exists() else "nothing is written"
+        raise SystemExit(f"error: writing the scores failed ({e.strerror or e}): {written}; free space, then run the "
+                         f"same command{' with --overwrite' if args.out.exists() else ''} again") from None
     print(f"{len(frames['keys'])} frames of {len(video_ids)} videos scored -> {args.out}, {json_path}"
           f"{replaced_note(replaced)}")
     return print_figures(frames, vscores, video_labels(frames, video_ids), [n for n in (partial, other_params) if n])

@@ -29,6 +29,7 @@ import loaders
 import nets
 from loaders.common import check_fills_a_batch, open_stream
 from pack.files import Lock, check_output_dir, json_text
+from pack.workers import die_with_parent
 from training.checkpoints import checkpoints, claim_save_dir, remove_stale_temporaries, save_checkpoint
 from training.logs import Logger, Window, plot_curves
 from training.run import Run, plain_args, random_state
@@ -119,6 +120,8 @@ def setup_distributed(args) -> tuple[int, int, torch.device]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if world > 1:
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: a rank dies with it (kill -9 of it included),
+            die_with_parent()                    # and its loader workers with the rank
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -162,8 +165,6 @@ def check_before_work(args, world: int) -> list[str]:
     if args.visdom and importlib.util.find_spec("visdom") is None:
         raise SystemExit("error: --visdom needs the visdom package (pip install visdom) and a running "
                          "server (python -m visdom.server)")
-    if args.resume and not checkpoints(args.save_dir):
-        raise SystemExit(f"error: --resume: no checkpoint in {args.save_dir} to resume from")
     check_output_dir(args.save_dir, "--save-dir")
     return stream.classes
 
@@ -259,6 +260,15 @@ def diverged(args, iteration: int, why: str, at: int) -> SystemExit:
                       f"{last}. Lower the learning rate (--lr {args.lr:g} now), or check the data")
 
 
+def worker_died(error: RuntimeError, iteration: int, args) -> str:
+    """One line for a loader worker that died (the CPU loader says how and where), with what to do."""
+    said = "; ".join(line for line in str(error).splitlines() if line.startswith("loader worker "))
+    oom = (" (SIGKILL from nobody else is the out-of-memory killer's: dmesg says; fewer --workers or a smaller "
+           "--batch-size need less memory)" if "SIGKILL" in said else "")
+    return (f"error: a loader worker died at iteration {iteration + 1}: {said}{oom}; run the same command with "
+            f"--resume to go on from the last checkpoint")
+
+
 def save(args, run: Run, done: int, best: bool, train_loader, window: Window, world: int, main_rank: bool) -> None:
     """A checkpoint of iteration `done`, unless its weights are not finite (then the run stops). Every rank calls it.
 
@@ -299,10 +309,12 @@ def train(args, run: Run, step, batches, train_loader, val_loader, logger: Logge
         t0 = time.perf_counter()
         try:
             images, labels, _ = next(batches)
-        except RuntimeError:  # SIGTERM sent to the whole process group stopped the loader's workers too
-            if not stop.requested:
-                raise
-            stop_here(args, run, iteration, logger, val_loader is None, train_loader, window, world)
+        except RuntimeError as e:  # SIGTERM sent to the whole process group stopped the loader's workers too
+            if stop.requested:
+                stop_here(args, run, iteration, logger, val_loader is None, train_loader, window, world)
+            if str(e).startswith("loader worker "):  # killed (the out-of-memory killer?) or failed: said, no traceback
+                raise SystemExit(worker_died(e, iteration, args)) from None
+            raise
         t1 = time.perf_counter()
         window.add(step(images, labels), images.shape[0] * world, t1 - t0)
         run.scheduler.step()
@@ -386,6 +398,10 @@ def evaluate(model: nn.Module, loader, batches: int, dtype, device: torch.device
 
 def main(args: argparse.Namespace) -> dict:
     rank, world, device = setup_distributed(args)
+    first_start = args.resume and not (args.init or args.overwrite) and not checkpoints(args.save_dir)  # a requeued
+    # job killed before its first save
+    if first_start:
+        args.resume = False  # recorded as what ran: a fresh start
     classes = check_before_work(args, world)
     lock = Lock(args.save_dir / ".train.lock").acquire(f"--save-dir {args.save_dir}") if rank == 0 else None
     logger = None
@@ -394,6 +410,9 @@ def main(args: argparse.Namespace) -> dict:
         logger = Logger(args, rank == 0)
         if replaced:
             logger.line(replaced)
+        if first_start:
+            logger.line(f"--resume: no checkpoint in {args.save_dir} yet (the run was stopped before its first save, "
+                        f"or this is its first start): starting the run from iteration 0")
         if rank == 0:
             remove_stale_temporaries(args.save_dir, logger.line)
         stream = open_stream(args.data, args.train_split, args.modality, args.flow_len)

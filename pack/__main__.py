@@ -325,6 +325,8 @@ def pack_split(args, split: str, planning: tuple, where: dict, part: int, parts:
         (split_dir / d).mkdir(parents=True, exist_ok=True)
     with Lock(split_dir / f".pack-part{part}-of-{parts}.lock").acquire(f"{split_dir} (part {part} of {parts})"):
         with data_lock(args.out):
+            for tmp in [*args.out.glob(".manifest.json.tmp*"), *args.out.glob(".classes.txt.tmp*")]:
+                tmp.unlink()  # of a pack killed while writing them (under the lock: no other is)
             plan = split_plan(args, split, *planning)
             if plan_path.exists() and not same_plan(read_json(plan_path, needs=PLAN_KEYS), plan):
                 raise SystemExit(f"error: {split_dir} was packed from other annotations or with other parameters; "
@@ -353,6 +355,9 @@ def pack_split(args, split: str, planning: tuple, where: dict, part: int, parts:
         manifest = write_manifest(args.out)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a full disk
+        raise SystemExit(f"error: {args.out / 'manifest.json'}: cannot write it ({e.strerror or e}); the shards packed "
+                         f"are kept: free space, then run the same command again (it writes the manifest)") from None
     report(records, manifest["splits"][split], wall, args)
     if not manifest["splits"][split]["complete"] and parts > 1:
         print(f"other parts are not finished yet; once they are: python -m pack.merge {args.out}")
