@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import signal
 import threading
@@ -37,6 +38,18 @@ from training.step import TrainStep, graph_decision, set_bn_eval
 
 # fp16: a loss scale below this means even the unscaled gradients overflow: the run has diverged.
 MIN_LOSS_SCALE = 1.0
+
+
+def number(low: float, high: float = math.inf, integer: bool = False, above: bool = False):
+    """argparse type of a finite number in low..high (above: more than low), else a one-line usage error: a learning
+    rate of -1 or nan would otherwise fail deep in the optimiser, or train on NaN."""
+    def parse(text: str):
+        value = int(text) if integer else float(text)
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"{text}: give a finite number {'>' if above else '>='} {low:g}"
+                                             + (f" and <= {high:g}" if high < math.inf else ""))
+        return value
+    return parse
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,12 +83,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64, help="samples per iteration on each GPU")
     # Their defaults are in training.run.RUN_FLAGS: with --resume, a flag not given keeps the run's value, and one
     # given anew applies from the resumed iteration on (the schedule rebuilt from it).
-    g.add_argument("--lr", type=float, help="base learning rate (default: 0.001)")
-    g.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, help="weight decay, not on biases or norms (default: 5e-4)")
-    g.add_argument("--max-iterations", type=int, help="iterations to train (default: 500000)")
-    g.add_argument("--step-values", type=int, nargs="*", help="iterations where lr drops (default: 200000 400000)")
-    g.add_argument("--gamma", type=float, help="lr factor at each step value (default: 0.1)")
+    g.add_argument("--lr", type=number(0, above=True), help="base learning rate (default: 0.001)")
+    g.add_argument("--momentum", type=number(0, 1), help="SGD momentum (default: 0.9)")
+    g.add_argument("--weight-decay", type=number(0), help="weight decay, not on biases or norms (default: 5e-4)")
+    g.add_argument("--max-iterations", type=number(1, integer=True), help="iterations to train (default: 500000)")
+    g.add_argument("--step-values", type=number(0, integer=True), nargs="*",
+                   help="iterations where lr drops (default: 200000 400000)")
+    g.add_argument("--gamma", type=number(0, above=True), help="lr factor at each step value (default: 0.1)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (auto: bf16 where supported, else fp16; off on CPU)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on tensor cores)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -425,6 +439,8 @@ def main(args: argparse.Namespace) -> dict:
         if args.compile:
             model = torch.compile(model)
         batches, train_loader, val_loader = build_loaders(args, run, stream, rank, world, device, dtype)
+        for note in run.notes:  # what a resume applies anew, now that the loaders took its position
+            logger.line(note)
         logger.line(f"training {args.arch} on {args.modality} ({stream.channels} channels, {len(classes)} classes), "
                     f"{world} process(es) on {device}, amp {dtype}, batch {args.batch_size}, "
                     f"iterations {run.start}..{args.max_iterations}")

@@ -177,6 +177,12 @@ def test_flags_given_anew_on_resume_apply_from_there_or_are_refused(data, tmp_pa
         run_train(*common, "--max-iterations", "6", "--save-dir", same, "--resume")
     with pytest.raises(SystemExit, match="--amp fp16, but the run was trained with --amp auto"):
         run_train(*common, "--max-iterations", "12", "--save-dir", same, "--resume", "--amp", "fp16")
+    with pytest.raises(SystemExit, match="--seed 3, but the run was trained with --seed 0: its data order"):
+        run_train(*common, "--max-iterations", "12", "--save-dir", same, "--resume", "--seed", "3")
+    for flag, value in (("--lr", "nan"), ("--lr", "-1"), ("--gamma", "inf"), ("--step-values", "-5"),
+                        ("--max-iterations", "0"), ("--momentum", "2")):
+        with pytest.raises(SystemExit):  # argparse's one-line usage error, before any work
+            run_train(*common, "--save-dir", same, "--resume", flag, value)
 
 
 def test_a_finished_run_extended_records_what_an_unstopped_longer_run_does(data, tmp_path):

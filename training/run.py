@@ -72,8 +72,9 @@ def settle_run_flags(args, resumed: dict | None) -> dict:
     Returns what a resume was given anew ({name: (the run's value, the new one)}, every flag,
     not only these): each applies from the resumed iteration on, and the log says so. Refused
     here, with the reason, where it cannot apply: --pretrained (the resumed weights are the
-    checkpoint's), a smaller --max-iterations than the iterations done, and a change of --amp
-    into or out of fp16 (its loss scale is the run's state).
+    checkpoint's), a smaller --max-iterations than the iterations done, --seed (the data order
+    and random state are the run's), and a change of --amp into or out of fp16 (its loss scale
+    is the run's state); --batch-size and the world size are refused by the loader's position.
     """
     was = resumed["args"] if resumed is not None else {}
     for name, default in RUN_FLAGS.items():
@@ -89,6 +90,9 @@ def settle_run_flags(args, resumed: dict | None) -> dict:
     if args.max_iterations < resumed["iteration"]:
         raise SystemExit(f"error: --resume: --max-iterations {args.max_iterations}, but the run in {args.save_dir} is "
                          f"at iteration {resumed['iteration']} already: give a larger one")
+    if args.seed != was.get("seed", args.seed):
+        raise SystemExit(f"error: --resume: --seed {args.seed}, but the run was trained with --seed {was['seed']}: its "
+                         f"data order and random state are the run's; drop --seed, or start a new run with --init")
     if "fp16" in {args.amp, was.get("amp", args.amp)} and args.amp != was.get("amp", args.amp):
         raise SystemExit(f"error: --resume: --amp {args.amp}, but the run was trained with --amp {was['amp']}: fp16's "
                          f"loss scale is part of its state; resume with --amp {was['amp']}, or start a new run with --init")
@@ -235,26 +239,27 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, args.step_values, args.gamma)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.history, self.best = {"train": [], "val": []}, -1.0
+        self.notes: list[str] = []  # what a resume applied anew: logged once the loaders accept the run's position
         if resumed is not None:
             self.optimizer.load_state_dict(resumed["optimizer"])
             self.scheduler.load_state_dict(resumed["scheduler"])
             self.scaler.load_state_dict(resumed["scaler"])
             self.history, self.best = resumed["history"], resumed["best"]
             set_random_state(self.mine["rng"] if self.mine else resumed["rng"])
-            self.given_anew(anew, resumed["args"], log)
+            self.notes = self.given_anew(anew, resumed["args"])
             where = self.mine and self.mine["loader"]
             log(f"resumed from iteration {self.start} (lr {self.scheduler.get_last_lr()[0]:g}), "
                 + (f"the data from epoch {where['epoch']}, sample {where['served']} of its plan: the batches an "
                    f"unstopped run draws" if where else "the data order afresh (a checkpoint from before planned "
                    "data orders)" if self.mine is None else "synthetic data"))
 
-    def given_anew(self, anew: dict, was: dict, log) -> None:
-        """A resume's new flags, applied from this iteration on and said in the log: the optimiser's settings and the
-        learning-rate schedule rebuilt from --lr, --step-values and --gamma (the rate now is what they give here);
-        the records of the shorter run's end dropped where --max-iterations is extended."""
+    def given_anew(self, anew: dict, was: dict) -> list[str]:
+        """A resume's new flags, applied from this iteration on, and the log lines that say so: the optimiser's
+        settings and the learning-rate schedule rebuilt from --lr, --step-values and --gamma (the rate now is what
+        they give here); the records of the shorter run's end dropped where --max-iterations is extended."""
         if not anew:
-            return
-        a = self.args
+            return []
+        a, notes = self.args, []
         if {"lr", "step_values", "gamma", "momentum", "weight_decay"} & set(anew):
             base, decay = [a.lr, 2 * a.lr, a.lr], [a.weight_decay, 0.0, 0.0]  # param_groups' order
             drops = bisect_right(sorted(a.step_values), self.start)
@@ -264,12 +269,12 @@ class Run:
             s.milestones, s.gamma, s.base_lrs = Counter(a.step_values), a.gamma, base
             s._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if "max_iterations" in anew and a.max_iterations > self.start == was["max_iterations"]:
-            self.extended(was, log)
-        log(f"--resume: given anew, applied from iteration {self.start} on: "
-            + ", ".join(f"{cli_flag(k)} {new} (was {old})" for k, (old, new) in anew.items())
-            + f"; the learning rate now {self.scheduler.get_last_lr()[0]:g}")
+            notes += self.extended(was)
+        return [f"--resume: given anew, applied from iteration {self.start} on: "
+                + ", ".join(f"{cli_flag(k)} {new} (was {old})" for k, (old, new) in anew.items())
+                + f"; the learning rate now {self.scheduler.get_last_lr()[0]:g}"] + notes
 
-    def extended(self, was: dict, log) -> None:
+    def extended(self, was: dict) -> list[str]:
         """A finished run made longer: its last log line and validation, written at its end off the --log-every and
         --val-every grid, are not ones an unstopped longer run writes: they leave the records (the losses since
         the line before are in the checkpoint), so the lines from here are the longer run's."""
@@ -281,10 +286,9 @@ class Run:
             self.history["val"].pop()
             self.best = max([m["top1"] for _, m in self.history["val"]], default=-1.0)
             dropped.append("validation")
-        if dropped:
-            log(f"--max-iterations {was['max_iterations']} -> {self.args.max_iterations}: the {' and '.join(dropped)} "
+        return [f"--max-iterations {was['max_iterations']} -> {self.args.max_iterations}: the {' and '.join(dropped)} "
                 f"written at iteration {self.start} as the end of the shorter run are left out of the records, as "
-                f"an unstopped run of {self.args.max_iterations} iterations writes none there")
+                f"an unstopped run of {self.args.max_iterations} iterations writes none there"] if dropped else []
 
     def state(self, iteration: int, ranks: list[dict]) -> dict:
         """The checkpoint of iteration `iteration`; ranks: each rank's loader position, random state, unlogged losses."""
