@@ -46,6 +46,8 @@ def read_score_file(path: Path) -> tuple[dict, dict]:
     if not Path(path).is_file():
         raise SystemExit(f"error: scores file {path} not found")
     if not zipfile.is_zipfile(path):
+        if Path(path).stat().st_size == 0:
+            raise SystemExit(f"error: {path} is empty (0 bytes); score the split again with score.py")
         with open(path, "rb") as f:
             if f.read(4) == b"PK\x03\x04":  # a zip's start without its end (its table of contents is last)
                 raise SystemExit(f"error: {path} is cut short (a zip without its end: a copy or a write that did not "

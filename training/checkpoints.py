@@ -99,7 +99,7 @@ def atomic_save(obj: dict, path: Path) -> None:
         free = shutil.disk_usage(path.parent).free / 2**20
         kept = sorted(path.parent.glob("ckpt-*.pt"))
         why = getattr(e, "strerror", None) or "the write failed"
-        raise SystemExit(f"error: the checkpoint {path} could not be written ({why}; {free:.0f} MiB free on its "
+        raise SystemExit(f"error: the checkpoint {path} could not be written ({why}; {free:.1f} MiB free on its "
                          f"disk, or a file size limit?): nothing half-written "
                          f"is left; free space, then run the same command with --resume (it goes on from "
                          f"{kept[-1].name if kept else 'the start: no checkpoint yet'})") from None
