@@ -44,12 +44,17 @@ TTA = {"none": [((0.5, 0.5), False)],
        "10crop": [(pos, flip) for pos in CORNERS for flip in (False, True)]}
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1 (a batch of 0 samples would never end)."""
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text}: give a number >= 1")
-    return n
+def at_least(low: int):
+    """argparse type of a count that must be >= low: a batch of 0 samples would never end, -1 workers is no number."""
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{text}: give a number >= {low}")
+        return n
+    return parse
+
+
+positive_int = at_least(1)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-topk", type=metrics.class_topk_arg, default=0, help="video score per class = mean of its K best frame scores (0: mean of all frames)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch")
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "cpu"], help="loader backend")
-    p.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))),
+    p.add_argument("--workers", type=at_least(0), default=min(4, len(os.sched_getaffinity(0))),
                    help="loader workers (default: the cores this process may use, at most 4)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     p.add_argument("--allow-partial", action="store_true",

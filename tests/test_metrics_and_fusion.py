@@ -246,6 +246,10 @@ def test_score_workers_default_fits_the_cores_it_may_use():
             "print(score.get_args_parser().parse_args(['--checkpoint', 'c', '--data', 'd', '--out', 'o']).workers)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"
+    import score
+
+    with pytest.raises(SystemExit):  # one usage line, not the DataLoader's ValueError after the model is loaded
+        score.get_args_parser().parse_args(["--checkpoint", "c", "--data", "d", "--out", "o", "--workers", "-1"])
 
 
 def test_score_files_that_do_not_fit_are_named_for_what_is_wrong(tmp_path):
