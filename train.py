@@ -274,7 +274,7 @@ def diverged(args, iteration: int, why: str, at: int) -> SystemExit:
                       f"{last}. Lower the learning rate (--lr {args.lr:g} now), or check the data")
 
 
-def worker_died(error: RuntimeError, iteration: int, args) -> str:
+def worker_died(error: RuntimeError, iteration: int) -> str:
     """One line for a loader worker that died (the CPU loader says how and where), with what to do."""
     said = "; ".join(line for line in str(error).splitlines() if line.startswith("loader worker "))
     oom = (" (SIGKILL from nobody else is the out-of-memory killer's: dmesg says; fewer --workers or a smaller "
@@ -327,7 +327,7 @@ def train(args, run: Run, step, batches, train_loader, val_loader, logger: Logge
             if stop.requested:
                 stop_here(args, run, iteration, logger, val_loader is None, train_loader, window, world)
             if str(e).startswith("loader worker "):  # killed (the out-of-memory killer?) or failed: said, no traceback
-                raise SystemExit(worker_died(e, iteration, args)) from None
+                raise SystemExit(worker_died(e, iteration)) from None
             raise
         t1 = time.perf_counter()
         window.add(step(images, labels), images.shape[0] * world, t1 - t0)
@@ -412,8 +412,8 @@ def evaluate(model: nn.Module, loader, batches: int, dtype, device: torch.device
 
 def main(args: argparse.Namespace) -> dict:
     rank, world, device = setup_distributed(args)
-    first_start = args.resume and not (args.init or args.overwrite) and not checkpoints(args.save_dir)  # a requeued
-    # job killed before its first save
+    # A requeued job killed before its first save resumes a save-dir without a checkpoint: that starts the run.
+    first_start = args.resume and not (args.init or args.overwrite) and not checkpoints(args.save_dir)
     if first_start:
         args.resume = False  # recorded as what ran: a fresh start
     classes = check_before_work(args, world)
