@@ -23,15 +23,20 @@ import itertools
 import json
 import math
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 import metrics
 from outputs import check_outputs, replaced_note
+from pack.annotations import class_difference
 from pack.files import atomic_write_bytes, atomic_write_json, file_sha256
 
-COLUMNS = ["frame_top1", "frame_top3", "video_top1", "video_top5", "mean_error", "video_mAP"]
+COLUMNS = ["frame_top1", "frame_top3", "video_top1", "video_top5", "mean_error", "video_mAP_anet", "video_mAP_sklearn"]
+MAP_NOTE = ("video_mAP_anet: ActivityNet's official Kinetics evaluation, interpolated AP over each video's top-5 labels "
+            "(as published); video_mAP_sklearn: AP over every video's score for every class (scikit-learn's "
+            "average_precision_score)")
 OUTPUTS = ("results.md", "results.json", "confusion.png")
 SCORE_ARRAYS = ("keys", "videos", "labels", "scores", "logits", "classes", "meta")
 
@@ -41,6 +46,12 @@ def read_score_file(path: Path) -> tuple[dict, dict]:
     if not Path(path).is_file():
         raise SystemExit(f"error: scores file {path} not found")
     if not zipfile.is_zipfile(path):
+        if Path(path).stat().st_size == 0:
+            raise SystemExit(f"error: {path} is empty (0 bytes); score the split again with score.py")
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip's start without its end (its table of contents is last)
+                raise SystemExit(f"error: {path} is cut short (a zip without its end: a copy or a write that did not "
+                                 f"finish); copy it again, or score the split again with score.py")
         raise SystemExit(f"error: {path} is not a score file (score.py writes a .npz, a zip of arrays); give the .npz "
                          f"score.py --out wrote")
     try:
@@ -51,9 +62,9 @@ def read_score_file(path: Path) -> tuple[dict, dict]:
                                  f"give the .npz score.py --out wrote")
             arrays = {k: z[k] for k in SCORE_ARRAYS}
         meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise SystemExit(f"error: {path} is not a readable score file ({type(e).__name__}: {e}); "
-                         f"score the split again with score.py") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise SystemExit(f"error: {path} is damaged: its bytes are not what score.py wrote ({type(e).__name__}: {e}); "
+                         f"copy it again, or score the split again with score.py") from None
     return arrays, meta
 
 
@@ -146,12 +157,16 @@ def fuse(tables: list[dict], weights: list[float]) -> dict:
     return out
 
 
-def figures(frames: dict, frame_labels: dict, videos: dict, video_labels: dict) -> dict:
+def figures(frames: dict, frame_labels: dict, videos: dict, video_labels: dict, logits: bool) -> dict:
+    """A row's figures; its ActivityNet mAP from the probabilities a result file would hold (softmax of logits)."""
     fkeys, vkeys = sorted(frames), sorted(videos)
     fl = np.array([frame_labels[k] for k in fkeys])
     vl = np.array([video_labels[k] for k in vkeys])
     vs = np.stack([videos[k] for k in vkeys])
-    result = metrics.summary(np.stack([frames[k] for k in fkeys]), fl, vs, vl)
+    with np.errstate(invalid="ignore", over="ignore"):  # a non-finite row stays one (it submits nothing)
+        submitted = np.exp(vs - vs.max(1, keepdims=True)) if logits else vs
+        submitted = submitted / submitted.sum(1, keepdims=True) if logits else vs
+    result = metrics.summary(np.stack([frames[k] for k in fkeys]), fl, vs, vl, submitted)
     result["per_class_accuracy"] = [None if np.isnan(a) else float(a) for a in metrics.per_class_accuracy(vs[vl >= 0], vl[vl >= 0])]
     result["_confusion"] = metrics.confusion_matrix(vs[vl >= 0], vl[vl >= 0])
     return result
@@ -162,14 +177,15 @@ def labels_of(streams: list[dict], kind: str) -> dict:
     return {k: v for s in streams for k, v in s[kind].items()}
 
 
-def evaluate(streams: list[dict], weights: list[float]) -> dict:
+def evaluate(streams: list[dict], weights: list[float], logits: bool) -> dict:
     """Figures per stream and fused, keyed by row name."""
     frame_labels, video_labels = labels_of(streams, "frame_labels"), labels_of(streams, "video_labels")
-    rows = {s["name"]: figures(s["frames"], s["frame_labels"], s["videos"], s["video_labels"]) for s in streams}
+    rows = {s["name"]: figures(s["frames"], s["frame_labels"], s["videos"], s["video_labels"], logits)
+            for s in streams}
     if len(streams) == 1:
         return rows
     rows["+".join(stream_label(s).upper() for s in streams)] = figures(fuse([s["frames"] for s in streams], weights), frame_labels,
-                               fuse([s["videos"] for s in streams], weights), video_labels)
+                               fuse([s["videos"] for s in streams], weights), video_labels, logits)
     return rows
 
 
@@ -203,11 +219,25 @@ def notes(streams: list[dict], rows: dict, missing: dict) -> list[str]:
             for s in streams if s["meta"].get("other_pack_params")]
     out += [f"{s['name']}: scored on part of the split ({s['meta']['coverage']['partial_note']})"
            for s in streams if s["meta"].get("coverage", {}).get("partial")]
+    out += same_scores_twice(streams)
     for name, r in rows.items():
         if r["frames_non_finite"] or r["videos_non_finite"]:
             out.append(f"{name}: {r['frames_non_finite']} frames and {r['videos_non_finite']} videos of non-finite "
                        f"scores, counted as wrong")
     return out
+
+
+def same_scores_twice(streams: list[dict]) -> list[str]:
+    """Score files of one checkpoint on one split with the same views (copies of DATA scored apart): their fusion is
+    that stream with itself, however their files differ."""
+    twins: dict[tuple, list[str]] = {}
+    for s in streams:
+        m = s["meta"]
+        if m.get("checkpoint_sha256") and identity(s):
+            twins.setdefault((m["checkpoint_sha256"], identity(s), m.get("tta"), m.get("class_topk")), []).append(s["name"])
+    return [f"{' and '.join(names)} are one checkpoint (sha256 {key[0][:12]}) scored on one split (plan {key[1][1]}) with "
+            f"the same views: fused, they are that stream with itself, weighed more, not two streams"
+            for key, names in twins.items() if len(names) > 1]
 
 
 def markdown_table(rows: dict) -> str:
@@ -284,8 +314,9 @@ def load_streams(paths: list[Path], args: argparse.Namespace) -> tuple[list[dict
     for s in streams[1:]:
         if s["classes"] != streams[0]["classes"]:
             raise SystemExit(f"error: {s['path']} has another class list than {streams[0]['path']} "
-                             f"({len(s['classes'])} vs {len(streams[0]['classes'])} classes); score both on data packed "
-                             f"with the same classes")
+                             f"({len(s['classes'])} vs {len(streams[0]['classes'])} classes: "
+                             f"{class_difference(s['classes'], streams[0]['classes'], s['path'], streams[0]['path'])}); "
+                             f"score both on data packed with the same classes")
     return streams, check_one_split(streams, args.allow_mixed)
 
 
@@ -317,10 +348,10 @@ def main(args: argparse.Namespace) -> dict:
         weights, tuned_on, tune_notes = tuned_weights(streams, args)
         said += tune_notes
     missing = coverage(streams)
-    rows = evaluate(streams, weights)
+    rows = evaluate(streams, weights, args.fuse_on == "logits")
     table = markdown_table(rows)
     said += notes(streams, rows, missing)
-    print(table + "".join(f"\nnote: {n}" for n in said))
+    print(table + f"\n({MAP_NOTE})" + "".join(f"\nnote: {n}" for n in said))
     if args.fuse_on == "logits":
         print("(video scores here are the mean of the frames' logits, as fused; score.py averages softmax scores,\n"
               " so a stream's video mAP here can differ from the one score.py printed)")
@@ -329,11 +360,11 @@ def main(args: argparse.Namespace) -> dict:
     classes = streams[0]["classes"]
     plot_confusion(rows[fused_name]["_confusion"], classes, f"{fused_name} video confusion", args.out / "confusion.png")
     inputs = [input_record(s) for s in streams]
-    report = {"weights": weights, "fuse_on": args.fuse_on, "weights_tuned_on": tuned_on,
+    report = {"weights": weights, "fuse_on": args.fuse_on, "weights_tuned_on": tuned_on, "mAP": MAP_NOTE,
               "inputs": inputs, "videos_missing_per_stream": missing, "classes": classes, "notes": said,
               "rows": {name: {k: v for k, v in r.items() if not k.startswith("_")} for name, r in rows.items()}}
     atomic_write_json(args.out / "results.json", report)
-    atomic_write_bytes(args.out / "results.md", (f"{table}\n\nweights {weights} on {args.fuse_on}\n"
+    atomic_write_bytes(args.out / "results.md", (f"{table}\n\n{MAP_NOTE}\n\nweights {weights} on {args.fuse_on}\n"
                                                  + "".join(f"\nnote: {n}\n" for n in said)
                                                  + f"\ninputs:\n\n{inputs_table(inputs + (tuned_on or []))}\n").encode())
     print(f"wrote {args.out / 'results.md'}, results.json, confusion.png{replaced_note(replaced)}")

@@ -35,6 +35,7 @@ import score
 from loaders.common import RESIZE_RATIO, Stream, normalise
 from loaders.cpu import eval_view
 from outputs import check_outputs, file_identity, replaced_note
+from pack.annotations import class_difference
 from pack.files import atomic_write_json
 from pack.flow import make_flow_fn
 from pack.manifest import load_manifest
@@ -150,7 +151,7 @@ def score_video(path: Path, streams: list[dict], args, device: torch.device) -> 
         if rgb_only:  # no flow needed: none computed
             params = PackParams(**{**params.__dict__, "flow_len": 0})
         parts = {s["name"]: ([], [], []) for s in group}  # frame indices, logits, scores
-        samples = video_samples(path, params, make_flow_fn(params.flow), Timer())
+        samples = video_samples(path, params, make_flow_fn(params.flow), Timer(), ended)
         with tqdm(desc=f"{path.name} ({', '.join(parts)})", unit="sample", leave=False) as bar:
             for batch in in_batches(samples, args.batch_size, ended, rgb_only):
                 for s in group:
@@ -161,7 +162,15 @@ def score_video(path: Path, streams: list[dict], args, device: torch.device) -> 
         for name, (times, logits, probs) in parts.items():
             out[name] = {"frames": np.concatenate(times), "logits": np.concatenate(logits),
                          "scores": np.concatenate(probs), "params": params}
-    return {"streams": out, "frames": ended["frames"]}
+    return {"streams": out, "frames": ended["frames"], "notes": display_notes(ended)}
+
+
+def display_notes(info: dict) -> list[str]:
+    """What a video's decoding says beside its figures: a picture turned as a player shows it, which stream was read."""
+    turned = [f"rotated {info['rotation']} degrees"] if info.get("rotation") else []
+    turned += ["mirrored"] if info.get("mirrored") else []
+    notes = [f"{' and '.join(turned)} as its display matrix says (as a player shows it)"] if turned else []
+    return notes + ([info["video_stream"]] if "video_stream" in info else [])
 
 
 def video_values(frame_values: np.ndarray, class_topk: int) -> np.ndarray:
@@ -199,7 +208,8 @@ def predict_video(path: Path, streams: list[dict], weights: dict, args, device: 
         if bad and not args.allow_non_finite:
             raise VideoError(f"not finite: {bad} of {len(s['logits'])} {name} samples scored NaN or inf (the model "
                              f"overflows on them); --allow-non-finite predicts it anyway")
-    one = {"streams": scored["streams"], "frames": scored["frames"], "note": None,
+    notes = scored["notes"]
+    one = {"streams": scored["streams"], "frames": scored["frames"],
            "videos": {n: video_values(s["scores"], args.class_topk) for n, s in scored["streams"].items()}}
     if len(streams) == 2:
         one["fused"], one["fused_frames"] = fused(scored["streams"], weights, args.fuse_on, args.class_topk)
@@ -208,8 +218,9 @@ def predict_video(path: Path, streams: list[dict], weights: dict, args, device: 
     one["top"] = np.argsort(-one["fused"], kind="stable")
     stack = max(s["params"].flow_len for s in scored["streams"].values())
     if stack and scored["frames"] <= stack:
-        one["note"] = (f"{scored['frames']} frames: shorter than one flow stack ({stack + 1} frames); "
-                       f"its last flow image is repeated, as pack does")
+        notes.append(f"{scored['frames']} frames: shorter than one flow stack ({stack + 1} frames); "
+                     f"its last flow image is repeated, as pack does")
+    one["note"] = "; ".join(notes) or None
     return one
 
 
@@ -308,7 +319,9 @@ def load_streams(args, device: torch.device) -> list[dict]:
     classes = streams[0]["stream"].classes
     if len(streams) == 2 and streams[1]["stream"].classes != classes:
         raise SystemExit(f"error: {args.rgb} and {args.flow} were trained on other class lists ({len(classes)} vs "
-                         f"{len(streams[1]['stream'].classes)} classes); fuse streams trained on the same classes")
+                         f"{len(streams[1]['stream'].classes)} classes: "
+                         f"{class_difference(classes, streams[1]['stream'].classes, '--rgb', '--flow')}); "
+                         f"fuse streams trained on the same classes")
     return streams
 
 

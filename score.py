@@ -29,7 +29,8 @@ import nets
 from loaders.common import check_videos, flip_batch, open_stream
 from loaders.plan import Segments
 from outputs import check_outputs, replaced_note
-from pack.files import atomic_write_json
+from pack.annotations import class_difference
+from pack.files import Lock, atomic_write_json
 from pack.manifest import incomplete_note, load_manifest, params_differ, split_identity
 from training.checkpoints import read_checkpoint
 
@@ -44,12 +45,17 @@ TTA = {"none": [((0.5, 0.5), False)],
        "10crop": [(pos, flip) for pos in CORNERS for flip in (False, True)]}
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1 (a batch of 0 samples would never end)."""
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text}: give a number >= 1")
-    return n
+def at_least(low: int):
+    """argparse type of a count that must be >= low: a batch of 0 samples would never end, -1 workers is no number."""
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{text}: give a number >= {low}")
+        return n
+    return parse
+
+
+positive_int = at_least(1)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,7 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "is scored on all of them. Every output says which protocol ran")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch (videos with --frames)")
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "cpu"], help="loader backend")
-    p.add_argument("--workers", type=int, default=4, help="loader workers")
+    p.add_argument("--workers", type=at_least(0), default=min(4, len(os.sched_getaffinity(0))),
+                   help="loader workers (default: the cores this process may use, at most 4)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     p.add_argument("--allow-partial", action="store_true",
                    help="score what can be read of a damaged split, or of one packed in part (a --part never run); "
@@ -117,7 +124,9 @@ def check_inputs(ckpt: dict, manifest: dict, split: dict, args) -> str | None:
     """
     if manifest["classes"] and manifest["classes"] != ckpt["classes"]:
         raise SystemExit(f"error: {args.data} has another class list than the checkpoint ({len(manifest['classes'])} "
-                         f"vs {len(ckpt['classes'])}); pack the split with --classes from the training data")
+                         f"vs {len(ckpt['classes'])}: "
+                         f"{class_difference(manifest['classes'], ckpt['classes'], str(args.data), 'the checkpoint')}); "
+                         f"pack the split with --classes from the training data")
     check_mirrored_views(ckpt, args.tta, args.allow_mirrored, args.checkpoint)
     trained = ckpt.get("pack_params")
     if trained is None:
@@ -335,7 +344,8 @@ def print_figures(frames: dict, vscores: np.ndarray, vlabels: np.ndarray, notes:
                          f"non-finite scores counted as wrong"]
     print(f"frame top-1 {figures['frame_top1']:.4f}  top-3 {figures['frame_top3']:.4f}  |  "
           f"video top-1 {figures['video_top1']:.4f}  top-5 {figures['video_top5']:.4f}  "
-          f"mean error {figures['mean_error']:.4f}  mAP {figures['video_mAP']:.4f}"
+          f"mean error {figures['mean_error']:.4f}  mAP {figures['video_mAP_anet']:.4f} (ActivityNet's: interpolated, "
+          f"top-5 labels), {figures['video_mAP_sklearn']:.4f} (scikit-learn's: all scores)"
           + (f"  ({'; '.join(notes)})" if notes else ""))
     return figures
 
@@ -345,8 +355,28 @@ def main(args: argparse.Namespace) -> dict:
     json_path = args.results_json or args.out.with_suffix(".json")
     manifest, split = load_split(args)
     check_whole_split(split, args)
+    if args.out.exists() and not json_path.exists() and not args.overwrite:
+        raise SystemExit(f"error: --out {args.out} exists without its result JSON {json_path}: an earlier run was "
+                         f"stopped between writing the two (killed?), its result is not whole; give --overwrite to "
+                         f"score again")
     replaced = check_outputs([("--out", args.out), ("--results-json", json_path)],
                              [args.checkpoint, *split_files(args.data, split)], args.overwrite)
+    with Lock(args.out.with_name(f".{args.out.name}.lock")).acquire(f"--out {args.out}"):  # one run per --out
+        remove_stale_temporaries(args.out, json_path)
+        return score_split(args, device, json_path, manifest, split, replaced)
+
+
+def remove_stale_temporaries(*outputs: Path) -> None:
+    """Temporaries of an earlier run killed while writing these outputs (under their lock: no run writes them now)."""
+    stale = [tmp for path in outputs for tmp in path.parent.glob(f".{path.name}.tmp*")]
+    for tmp in stale:
+        tmp.unlink()
+    if stale:
+        print(f"removed {len(stale)} half-written file(s) of an earlier run killed while writing: {stale[0]}")
+
+
+def score_split(args, device: torch.device, json_path: Path, manifest: dict, split: dict, replaced: list) -> dict:
+    """The work of main, under the --out lock: score, write the score file and the result JSON, print the figures."""
     model, ckpt = load_model(args.checkpoint, device)
     other_params = check_inputs(ckpt, manifest, split, args)
     if args.frames:  # each video's frames are found by the manifest's video list
@@ -362,14 +392,19 @@ def main(args: argparse.Namespace) -> dict:
     video_ids, vscores = metrics.video_scores(frames["scores"], frames["videos"], args.class_topk)
     partial = scored["partial_note"] if scored["partial"] else None
     meta.update(coverage=scored, non_finite_rows=non_finite, other_pack_params=other_params)
-    tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}.npz")  # two runs at once: each its own
-    np.savez_compressed(tmp, **frames, classes=np.array(ckpt["classes"]), meta=np.array(json.dumps(meta)))
-    tmp.replace(args.out)
-
+    tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}.npz")
     youtube_ids = {v: info.get("youtube_id") or v for v, info in split["video_info"].items()}
     doc = results_json(video_ids, vscores, ckpt["classes"], youtube_ids, partial)
     doc = {**doc, **({"frames": args.frames} if args.frames else {})}  # the protocol, where not every frame
-    atomic_write_json(json_path, {**doc, "other_pack_params": other_params} if other_params else doc)
+    try:
+        np.savez_compressed(tmp, **frames, classes=np.array(ckpt["classes"]), meta=np.array(json.dumps(meta)))
+        tmp.replace(args.out)
+        atomic_write_json(json_path, {**doc, "other_pack_params": other_params} if other_params else doc)
+    except OSError as e:  # a full disk: nothing half-written stays
+        tmp.unlink(missing_ok=True)
+        written = f"{args.out} is written, {json_path} not" if args.out.exists() else "nothing is written"
+        raise SystemExit(f"error: writing the scores failed ({e.strerror or e}): {written}; free space, then run the "
+                         f"same command{' with --overwrite' if args.out.exists() else ''} again") from None
     print(f"{len(frames['keys'])} frames of {len(video_ids)} videos scored ({protocol(args.frames)}) -> {args.out}, "
           f"{json_path}{replaced_note(replaced)}")
     notes = [n for n in (partial, other_params, args.frames and protocol(args.frames)) if n]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import signal
 import threading
@@ -29,8 +30,9 @@ import loaders
 import nets
 from loaders.common import check_fills_a_batch, open_stream
 from pack.files import Lock, check_output_dir, json_text
-from score import positive_int
 from pack.manifest import incomplete_note, load_manifest
+from pack.workers import die_with_parent
+from score import positive_int
 from training.checkpoints import checkpoints, claim_save_dir, remove_stale_temporaries, save_checkpoint
 from training.logs import Logger, Window, plot_curves
 from training.run import Run, plain_args, random_state
@@ -46,6 +48,18 @@ def probability(text: str) -> float:
     if not 0 <= p < 1:
         raise argparse.ArgumentTypeError(f"{text}: give a probability from 0 up to (not including) 1")
     return p
+
+
+def number(low: float, high: float = math.inf, integer: bool = False, above: bool = False):
+    """argparse type of a finite number in low..high (above: more than low), else a one-line usage error: a learning
+    rate of -1 or nan would otherwise fail deep in the optimiser, or train on NaN."""
+    def parse(text: str):
+        value = int(text) if integer else float(text)
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"{text}: give a finite number {'>' if above else '>='} {low:g}"
+                                             + (f" and <= {high:g}" if high < math.inf else ""))
+        return value
+    return parse
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -92,12 +106,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation (SGD as the original: biases at 2x lr, no decay)")
     g.add_argument("--batch-size", type=int, default=64,
                    help="samples per iteration on each GPU: frames, or videos with --segments K (B x K images)")
-    g.add_argument("--lr", type=float, default=0.001, help="base learning rate")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on biases or norms)")
-    g.add_argument("--max-iterations", type=int, default=500_000, help="iterations to train")
-    g.add_argument("--step-values", type=int, nargs="*", default=[200_000, 400_000], help="iterations where lr drops")
-    g.add_argument("--gamma", type=float, default=0.1, help="lr factor at each step value")
+    # Their defaults are in training.run.RUN_FLAGS: with --resume, a flag not given keeps the run's value, and one
+    # given anew applies from the resumed iteration on (the schedule rebuilt from it).
+    g.add_argument("--lr", type=number(0, above=True), help="base learning rate (default: 0.001)")
+    g.add_argument("--momentum", type=number(0, 1), help="SGD momentum (default: 0.9)")
+    g.add_argument("--weight-decay", type=number(0), help="weight decay, not on biases or norms (default: 5e-4)")
+    g.add_argument("--max-iterations", type=number(1, integer=True), help="iterations to train (default: 500000)")
+    g.add_argument("--step-values", type=number(0, integer=True), nargs="*",
+                   help="iterations where lr drops (default: 200000 400000)")
+    g.add_argument("--gamma", type=number(0, above=True), help="lr factor at each step value (default: 0.1)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (auto: bf16 where supported, else fp16; off on CPU)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on tensor cores)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -142,6 +159,8 @@ def setup_distributed(args) -> tuple[int, int, torch.device]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if world > 1:
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: a rank dies with it (kill -9 of it included),
+            die_with_parent()                    # and its loader workers with the rank
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -192,8 +211,6 @@ def check_before_work(args, world: int) -> list[str]:
     if args.visdom and importlib.util.find_spec("visdom") is None:
         raise SystemExit("error: --visdom needs the visdom package (pip install visdom) and a running "
                          "server (python -m visdom.server)")
-    if args.resume and not checkpoints(args.save_dir):
-        raise SystemExit(f"error: --resume: no checkpoint in {args.save_dir} to resume from")
     check_output_dir(args.save_dir, "--save-dir")
     return stream.classes
 
@@ -297,6 +314,15 @@ def diverged(args, iteration: int, why: str, at: int) -> SystemExit:
                       f"{last}. Lower the learning rate (--lr {args.lr:g} now), or check the data")
 
 
+def worker_died(error: RuntimeError, iteration: int) -> str:
+    """One line for a loader worker that died (the CPU loader says how and where), with what to do."""
+    said = "; ".join(line for line in str(error).splitlines() if line.startswith("loader worker "))
+    oom = (" (SIGKILL from nobody else is the out-of-memory killer's: dmesg says; fewer --workers or a smaller "
+           "--batch-size need less memory)" if "SIGKILL" in said else "")
+    return (f"error: a loader worker died at iteration {iteration + 1}: {said}{oom}; run the same command with "
+            f"--resume to go on from the last checkpoint")
+
+
 def save(args, run: Run, done: int, best: bool, train_loader, window: Window, world: int, main_rank: bool) -> None:
     """A checkpoint of iteration `done`, unless its weights are not finite (then the run stops). Every rank calls it.
 
@@ -340,10 +366,12 @@ def train(args, run: Run, step, batches, train_loader, val_loader, logger: Logge
         t0 = time.perf_counter()
         try:
             images, labels, _ = next(batches)
-        except RuntimeError:  # SIGTERM sent to the whole process group stopped the loader's workers too
-            if not stop.requested:
-                raise
-            stop_here(args, run, iteration, logger, val_loader is None, train_loader, window, world)
+        except RuntimeError as e:  # SIGTERM sent to the whole process group stopped the loader's workers too
+            if stop.requested:
+                stop_here(args, run, iteration, logger, val_loader is None, train_loader, window, world)
+            if str(e).startswith("loader worker "):  # killed (the out-of-memory killer?) or failed: said, no traceback
+                raise SystemExit(worker_died(e, iteration)) from None
+            raise
         t1 = time.perf_counter()
         window.add(step(images, labels), images.shape[0] * world, t1 - t0)
         run.scheduler.step()
@@ -375,7 +403,8 @@ def train(args, run: Run, step, batches, train_loader, val_loader, logger: Logge
                        **({"skipped_steps": skipped_steps} if scale is not None else {})}
             run.history["train"].append((done, figures["loss"]))
             logger.train(done, figures)
-            window.reset(done)
+            if done % args.log_every == 0:  # the end's line off the grid: its losses stay for a longer resumed run
+                window.reset(done)
         is_best = False
         if validate:
             metrics = evaluate(run.model, val_loader, args.val_batches, dtype, device, world, args.segments)
@@ -447,6 +476,10 @@ def segments_note(args, stream) -> str:
 
 def main(args: argparse.Namespace) -> dict:
     rank, world, device = setup_distributed(args)
+    # A requeued job killed before its first save resumes a save-dir without a checkpoint: that starts the run.
+    first_start = args.resume and not (args.init or args.overwrite) and not checkpoints(args.save_dir)
+    if first_start:
+        args.resume = False  # recorded as what ran: a fresh start
     classes = check_before_work(args, world)
     lock = Lock(args.save_dir / ".train.lock").acquire(f"--save-dir {args.save_dir}") if rank == 0 else None
     logger = None
@@ -455,6 +488,9 @@ def main(args: argparse.Namespace) -> dict:
         logger = Logger(args, rank == 0)
         if replaced:
             logger.line(replaced)
+        if first_start:
+            logger.line(f"--resume: no checkpoint in {args.save_dir} yet (the run was stopped before its first save, "
+                        f"or this is its first start): starting the run from iteration 0")
         if rank == 0:
             remove_stale_temporaries(args.save_dir, logger.line)
         stream = open_stream(args.data, args.train_split, args.modality, args.flow_len)
@@ -467,6 +503,8 @@ def main(args: argparse.Namespace) -> dict:
         if args.compile:
             model = torch.compile(model)
         batches, train_loader, val_loader = build_loaders(args, run, stream, rank, world, device, dtype)
+        for note in run.notes:  # what a resume applies anew, now that the loaders took its position
+            logger.line(note)
         logger.line(f"training {args.arch} on {args.modality} ({stream.channels} channels, {len(classes)} classes), "
                     f"{world} process(es) on {device}, amp {dtype}, batch {batch_words(args)}, "
                     f"iterations {run.start}..{args.max_iterations}")

@@ -26,6 +26,7 @@ import faulthandler
 import functools
 import math
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import re
 import signal
@@ -446,9 +447,18 @@ class CpuLoader:
         except StopIteration:
             return None
         except Exception as e:
-            if "DataLoader worker" not in str(e):
+            if "DataLoader worker" not in str(e) and not self._a_worker_ended(e):
                 raise
             raise RuntimeError(self._death_report(e)) from e
+
+    def _a_worker_ended(self, error: Exception) -> bool:
+        """Whether a worker ended behind an error of the connection its batch's shared memory comes by: a worker
+        killed (the out-of-memory killer's SIGKILL) as it sent a batch leaves that, before the DataLoader sees it
+        gone. Its end is waited for (its process's sentinel), not guessed."""
+        if not isinstance(error, (ConnectionError, EOFError)):
+            return False
+        processes = getattr(self._batches, "_workers", [])
+        return bool(mp.connection.wait([p.sentinel for p in processes], timeout=10))
 
     def _watch_workers(self) -> None:
         """Add the whereabouts to the error the DataLoader raises from SIGCHLD when a worker is killed, and raise it

@@ -29,8 +29,8 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from .annotations import (AnnotationError, Annotations, Clip, check_disjoint, class_list, deduplicated, read_class_file,
-                          read_folders, read_hmdb51, read_kinetics, read_list, read_ucf101, SPLIT_ALIASES)
+from .annotations import (AnnotationError, Annotations, Clip, check_disjoint, class_difference, class_list, deduplicated,
+                          read_class_file, read_folders, read_hmdb51, read_kinetics, read_list, read_ucf101, SPLIT_ALIASES)
 from .files import Lock, atomic_write_json, check_output_dir
 from .manifest import PLAN_KEYS, BrokenFile, data_lock, plan_id, read_json, write_manifest
 from .packer import PackParams, pack_group
@@ -260,7 +260,8 @@ def split_plan(args, split: str, clips: list[Clip], annotations: Annotations, cl
     layout = annotations.classes
     if given and layout and given != layout and not (annotations.classes_subset and set(layout) <= set(given)):
         raise SystemExit(f"error: {args.out} holds another class list ({len(given)} classes) than these annotations' "
-                         f"({len(layout)}); pack them into another --out")
+                         f"({len(layout)}: {class_difference(given, layout, str(args.out), 'the annotations')}); "
+                         f"pack them into another --out")
     try:
         classes = class_list(clips, given or layout)
     except ValueError as e:
@@ -324,6 +325,8 @@ def pack_split(args, split: str, planning: tuple, where: dict, part: int, parts:
         (split_dir / d).mkdir(parents=True, exist_ok=True)
     with Lock(split_dir / f".pack-part{part}-of-{parts}.lock").acquire(f"{split_dir} (part {part} of {parts})"):
         with data_lock(args.out):
+            for tmp in [*args.out.glob(".manifest.json.tmp*"), *args.out.glob(".classes.txt.tmp*")]:
+                tmp.unlink()  # of a pack killed while writing them (under the lock: no other is)
             plan = split_plan(args, split, *planning)
             if plan_path.exists() and not same_plan(read_json(plan_path, needs=PLAN_KEYS), plan):
                 raise SystemExit(f"error: {split_dir} was packed from other annotations or with other parameters; "
@@ -352,6 +355,9 @@ def pack_split(args, split: str, planning: tuple, where: dict, part: int, parts:
         manifest = write_manifest(args.out)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a full disk
+        raise SystemExit(f"error: {args.out / 'manifest.json'}: cannot write it ({e.strerror or e}); the shards packed "
+                         f"are kept: free space, then run the same command again (it writes the manifest)") from None
     report(records, manifest["splits"][split], wall, args)
     if not manifest["splits"][split]["complete"] and parts > 1:
         print(f"other parts are not finished yet; once they are: python -m pack.merge {args.out}")
@@ -432,6 +438,14 @@ def report(records: list[dict], split: dict, wall: float, args: argparse.Namespa
             print(f"  {vid}: {reason}")
         if len(split["failed"]) > 20:
             print(f"  ... and {len(split['failed']) - 20} more")
+    packed = {vid: v for r in records for vid, v in r["videos"].items()}
+    turned = sum(1 for v in packed.values() if v.get("rotation") or v.get("mirrored"))
+    if turned:
+        print(f"{turned} videos turned upright as a player shows them (their display rotation or mirror; "
+              f"video_info's rotation and mirrored in the manifest)")
+    for vid, v in sorted(packed.items()):
+        if "video_stream" in v:
+            print(f"  {vid}: {v['video_stream']}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import hashlib
 import io
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def fingerprint(*paths: Path) -> dict[str, str]:
 
 
 def check_label(label: str, where: str) -> str:
-    label = label.strip()
+    """A label as a class name: stripped, in Unicode's composed form (NFC), so that "café" typed on macOS (decomposed,
+    as its file names are) and elsewhere is one class."""
+    label = unicodedata.normalize("NFC", label.strip())
     if not label:
         raise AnnotationError(f"{where}: empty label")
     if "\n" in label or "\r" in label:
@@ -173,7 +176,7 @@ def read_ucf101(folder: Path, fold: int) -> Annotations:
         splits["train"].append(Clip(without_extension(path), classes[number - 1], "train", where, path))
     for where, line in lines_of(files[2]):
         path = list_path(line.rsplit(None, 1)[0] if line.rsplit(None, 1)[-1].isdigit() else line)
-        label = path.split("/")[0]  # the class is the folder (classInd's spelling), never the file name's
+        label = unicodedata.normalize("NFC", path.split("/")[0])  # the class is the folder, never the file name's
         if label not in index:
             raise AnnotationError(f"{where}: {path}: its folder {label!r} is not a class of classInd.txt")
         splits["val"].append(Clip(without_extension(path), label, "val", where, path))
@@ -233,15 +236,16 @@ def read_folders(root: Path, split: str) -> Annotations:
     root = Path(root)
     if not root.is_dir():
         raise AnnotationError(f"--folders {root}: no such folder")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
         raise AnnotationError(f"--folders {root}: no class folders in it (expected {root}/<class>/<video>)")
     clips = []
-    for label in classes:
-        for file in walk_files(root / label):
+    for folder in folders:  # two folders whose names differ only in Unicode form are one class
+        for file in walk_files(root / folder):
             if file.suffix.lower() in VIDEO_EXTENSIONS:
                 relative = file.relative_to(root).as_posix()
-                clips.append(Clip(without_extension(relative), check_label(label, str(file)), split, str(file), relative))
+                clips.append(Clip(without_extension(relative), check_label(folder, str(file)), split, str(file), relative))
+    classes = sorted({check_label(folder, str(root / folder)) for folder in folders})
     return Annotations({split: clips}, classes, {split: {"layout": "folders", "folder": root.name}}, classes_subset=True)
 
 
@@ -252,6 +256,21 @@ def check_class(name: str, where: str, seen: dict[str, str]) -> str:
         raise AnnotationError(f"{where}: the class {name!r} is named twice (also at {seen[name]}): keep one line")
     seen[name] = where
     return name
+
+
+def class_difference(ours: list[str], theirs: list[str], our_name: str, their_name: str) -> str:
+    """What tells two class lists apart, by name: the classes only one has (the first few), else the first place
+    where their orders differ."""
+    only = [(name, [c for c in a if c not in set(b)]) for name, a, b in ((our_name, ours, theirs),
+                                                                         (their_name, theirs, ours))]
+    said = [f"only in {name}: {', '.join(repr(str(c)) for c in extra[:5])}"
+            f"{f' and {len(extra) - 5} more' if len(extra) > 5 else ''}"
+            for name, extra in only if extra]
+    if said:
+        return "; ".join(said)
+    i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    return (f"the same classes in another order: class {i} is {str(ours[i])!r} in {our_name}, {str(theirs[i])!r} in "
+            f"{their_name}")
 
 
 def read_class_file(path: str | Path) -> list[str]:

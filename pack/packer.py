@@ -13,7 +13,7 @@ from av.video.reformatter import VideoReformatter
 from .flow import FlowFn, encode_flow, make_flow_fn
 from .files import atomic_write_json
 from .shards import ShardWriter
-from .video import VideoError, decode_frames, resized_size, to_bgr
+from .video import VideoError, decode_frames, resized_size, to_bgr, upright
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,9 @@ def encode_jpeg(image_bgr: np.ndarray, quality: int, full_chroma: bool = False) 
     return buf.tobytes()
 
 
-def pack_video(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer) -> tuple[int, list]:
+def pack_video(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer, info: dict | None = None) -> tuple[int, list]:
     """Decode a video; return (frames decoded, samples): video_samples(), all of them."""
-    samples = video_samples(path, p, flow_fn, timer)
+    samples = video_samples(path, p, flow_fn, timer, info)
     kept = []
     while True:
         try:
@@ -65,8 +65,11 @@ def pack_video(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer) -> tupl
             return end.value, kept
 
 
-def video_samples(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer):
+def video_samples(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer, info: dict | None = None):
     """Decode a video, yielding its samples as they are ready; returns the number of frames decoded.
+
+    Frames are turned upright as a player shows them (the stream's display rotation and
+    mirror, which `info` receives with decode_frames' other notes): so are the flow's axes.
 
     Samples are (frame t, rgb_jpeg, [flow_jpeg] * flow_len) for t = 0, stride, 2*stride, ...
 
@@ -75,7 +78,7 @@ def video_samples(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer):
     Frames are converted, and flow computed, only where a sample needs them: what is held
     at any time is a few frames, however long the video.
     """
-    size, reformatter = None, VideoReformatter()
+    size, reformatter, info = None, VideoReformatter(), {} if info is None else info
     gray: dict[int, np.ndarray] = {}  # converted frames still needed, by index
     rgb: dict[int, bytes] = {}  # encoded RGB of sampled frames not yet emitted
     flows: dict[int, bytes] = {}  # encoded flow of pair (i -> i+1), by i
@@ -87,7 +90,7 @@ def video_samples(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer):
 
     def gray_of(i: int, frame) -> np.ndarray:
         if i not in gray:
-            bgr = to_bgr(frame, size, reformatter)
+            bgr = upright(to_bgr(frame, size, reformatter), info["rotation"], info["mirrored"])
             timer.lap("decode")
             if i % p.stride == 0:
                 rgb[i] = encode_jpeg(bgr, p.quality)
@@ -113,7 +116,7 @@ def video_samples(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer):
         return sample
 
     n = 0
-    for i, frame in decode_frames(path, p.short_side):
+    for i, frame in decode_frames(path, p.short_side, info):
         timer.lap("decode")
         n = i + 1
         if size is None:
@@ -158,7 +161,7 @@ def pack_group(split_dir: Path, group: int, videos: list[dict], p: PackParams, p
                 try:
                     # A whole video is encoded before any of it is written: a video that
                     # fails half-way leaves no samples behind.
-                    frames, samples = pack_video(Path(v["path"]), p, flow_fn, timer)
+                    frames, samples = pack_video(Path(v["path"]), p, flow_fn, timer, shown := {})
                 except VideoError as e:
                     failed[v["id"]] = str(e)
                 else:
@@ -170,7 +173,8 @@ def pack_group(split_dir: Path, group: int, videos: list[dict], p: PackParams, p
                     timer.lap("write")
                     count = len(samples)
                     packed[v["id"]] = {"youtube_id": v["youtube_id"], "label": v["label"], "cls": v["cls"],
-                                       "frames": frames, "samples": count, **({"key": name} if name != v["id"] else {})}
+                                       "frames": frames, "samples": count, **shown,
+                                       **({"key": name} if name != v["id"] else {})}
             if progress is not None:
                 progress.put((frames, count))
         for w in writers.values():

@@ -50,7 +50,9 @@ def render(rng: np.random.Generator, colour, direction, frames: int, width: int,
         yield (np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def write_video(path: Path, frames: list[np.ndarray], fps: int, codec: str) -> None:
+def write_video(path: Path, frames: list[np.ndarray], fps: int, codec: str, display: tuple[int, bool] = (0, False)) -> None:
+    """Frames (RGB uint8) as a video; display: (degrees counter-clockwise, mirrored) a player turns them by, as a
+    phone records its clips (the stream's display matrix)."""
     with av.open(str(path), "w") as container:
         # cpu-independent: without it x264's CPU-dependent code made a few files in 40 differ from run to run (the same
         # frames in); with it the same seed gives the same bytes, hence the same demo and test figures.
@@ -60,6 +62,8 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int, codec: str) -> N
             stream.bit_rate = 2_000_000
         stream.pix_fmt = "yuv420p"
         stream.height, stream.width = frames[0].shape[:2]
+        if display != (0, False):
+            stream.set_display_rotation(display[0], hflip=display[1])
         for image in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)

@@ -1,6 +1,7 @@
 """Finding videos on disk and decoding them in-process with PyAV (FFmpeg)."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,24 +81,28 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def decode_frames(path: str | Path, short_side: int) -> Iterator[tuple[int, av.VideoFrame]]:
+def decode_frames(path: str | Path, short_side: int, info: dict | None = None) -> Iterator[tuple[int, av.VideoFrame]]:
     """Yield (index, frame) for every decodable frame; frames are converted only when needed.
 
     A stream that breaks off part-way (a truncated download) ends the iteration early
-    instead of failing: the frames before the damage are still good.
+    instead of failing: the frames before the damage are still good. `info`, if given, gets
+    what the pack records of the video: which stream was read where there are several
+    (`video_stream`), and how a player turns its picture (`rotation`, `mirrored`: display_orientation).
     """
     try:
         container = av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError) as e:
         raise VideoError(f"undecodable: {e}") from None
     with container:
-        if not container.streams.video:
-            raise VideoError("undecodable: no video stream")
-        stream = container.streams.video[0]
+        stream = pick_stream(container)
         stream.thread_count = 1  # one process per core already; threads would oversubscribe
+        if info is not None and len(container.streams.video) > 1:
+            info["video_stream"] = stream_note(container, stream)
         index = 0
         try:
             for frame in container.decode(stream):
+                if index == 0 and info is not None:
+                    info["rotation"], info["mirrored"] = display_orientation(frame)
                 yield index, frame
                 index += 1
         except av.FFmpegError:
@@ -105,13 +110,62 @@ def decode_frames(path: str | Path, short_side: int) -> Iterator[tuple[int, av.V
                 raise VideoError("undecodable: no frame could be decoded") from None
 
 
+def pick_stream(container) -> av.video.stream.VideoStream:
+    """The video stream to read: the first that is not a still picture (an mp4's cover art is a video stream too)."""
+    moving = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not moving:
+        raise VideoError("undecodable: no video stream" + (" (only a still picture, cover art)"
+                                                           if container.streams.video else ""))
+    return moving[0]
+
+
+def stream_note(container, read) -> str:
+    """Which of several video streams was read, and what the others are: a note in the manifest and predict's output."""
+    def said(s) -> str:
+        still = " cover art" if s.disposition & av.stream.Disposition.attached_pic else ""
+        return f"#{s.index} {s.codec_context.name} {s.width}x{s.height}{still}"
+    others = [said(s) for s in container.streams.video if s is not read]
+    return (f"read video stream {said(read)} of {len(container.streams.video)} video streams "
+            f"(not read: {', '.join(others)})")
+
+
+def display_orientation(frame: av.VideoFrame) -> tuple[int, bool]:
+    """(rotation, mirrored): how a player turns the stored picture, from the stream's display matrix.
+
+    rotation is counter-clockwise degrees (0, 90, 180, 270), applied first; mirrored means a
+    left-right mirror after it (together, every phone and EXIF orientation). A matrix that
+    turns by another angle than a multiple of 90 degrees is not packed (VideoError).
+    """
+    matrix = next((bytes(d) for d in frame.side_data if d.type.name == "DISPLAYMATRIX"), None)
+    if matrix is None:
+        return 0, False
+    m = np.frombuffer(matrix, dtype="<i4")[[0, 1, 3, 4]] / 65536.0  # a b c d: (x, y) -> (a x + c y, b x + d y)
+    a, b, c, d = np.round(m / max(np.abs(m).max(), 1e-9))
+    if sorted(np.abs([a, b, c, d]).tolist()) != [0, 0, 1, 1] or (a == 0) != (d == 0):
+        raise VideoError(f"unsupported: its display matrix {m.tolist()} turns the picture by another angle than "
+                         f"a multiple of 90 degrees")
+    mirrored = a * d - b * c < 0
+    if mirrored:  # undo the mirror (x -> -x after the rotation) to read the rotation alone
+        a, c = -a, -c
+    return round(math.degrees(math.atan2(-b, a))) % 360, bool(mirrored)
+
+
+def upright(image: np.ndarray, rotation: int, mirrored: bool) -> np.ndarray:
+    """The picture as a player shows it (display_orientation's rotation, then the mirror)."""
+    if rotation:
+        image = np.rot90(image, rotation // 90)
+    if mirrored:
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image) if rotation or mirrored else image
+
+
 def frame_rate(path: str | Path) -> float | None:
     """Frames per second of a video's first video stream, if its container says."""
     try:
         with av.open(str(path)) as container:
-            rate = container.streams.video[0].average_rate
+            rate = pick_stream(container).average_rate
             return float(rate) if rate else None
-    except (av.FFmpegError, IndexError, UnicodeDecodeError):
+    except (av.FFmpegError, VideoError, UnicodeDecodeError):
         return None
 
 

@@ -95,3 +95,26 @@ def test_repeated_rows_and_conflicting_labels(tmp_path, capsys):
     with pytest.raises(AnnotationError, match=r"k.csv:3: abc_000000_000010 is listed again with another label \('b'; "
                                               r".*k.csv:2 says 'a'\)"):
         deduplicated(other)
+
+
+def test_labels_that_differ_only_in_unicode_form_are_one_class(tmp_path):
+    """"café" typed on macOS is decomposed (e + a combining accent), as its file names are; elsewhere composed. Seen
+    apart they would be two classes that look alike in every table: they are one (the composed form), and a class
+    list naming both names one class twice."""
+    import unicodedata
+
+    from pack.annotations import read_class_file, read_folders
+
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert composed != decomposed
+    clips = read_clips(write(tmp_path, f"label,youtube_id,time_start,time_end,split\n{composed},a,0,10,val\n"
+                                       f"{decomposed},b,0,10,val\n"))
+    assert class_list(clips) == [composed]
+    for name, video in ((composed, "x.mp4"), (decomposed, "y.mp4")):
+        (tmp_path / "folders" / name).mkdir(parents=True)
+        (tmp_path / "folders" / name / video).write_bytes(b"")
+    folders = read_folders(tmp_path / "folders", "train")
+    assert folders.classes == [composed] and {c.label for c in folders.splits["train"]} == {composed}
+    (tmp_path / "classes.txt").write_text(f"{composed}\n{decomposed}\n")
+    with pytest.raises(AnnotationError, match="named twice"):
+        read_class_file(tmp_path / "classes.txt")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -53,14 +54,15 @@ def test_per_class_accuracy_and_confusion():
 
 
 def write_scores(path, videos: dict[str, tuple[int, list[float]]], modality: str, classes=("a", "b"), split="val",
-                 plan=None):
+                 plan=None, compressed=False, **meta):
     """A score.py-format file with one frame per video, scored on `split` (of plan `plan`, default one per split)."""
     keys = sorted(videos)
-    np.savez(path, keys=np.array([f"{v}/000000" for v in keys]), videos=np.array(keys), frames=np.zeros(len(keys), int),
+    (np.savez_compressed if compressed else np.savez)(path, keys=np.array([f"{v}/000000" for v in keys]), videos=np.array(keys), frames=np.zeros(len(keys), int),
              labels=np.array([videos[v][0] for v in keys]), scores=np.array([videos[v][1] for v in keys], np.float32),
              logits=np.log(np.array([videos[v][1] for v in keys], np.float32)), classes=np.array(classes),
              meta=np.array(json.dumps({"modality": modality, "split": split, "checkpoint": f"{modality}.pt",
-                                       "scored": {"data": "data", "split": split, "plan": plan or f"plan-{split}"}})))
+                                       "scored": {"data": "data", "split": split, "plan": plan or f"plan-{split}"},
+                                       **meta})))
     return path
 
 
@@ -170,3 +172,115 @@ def test_fuse_checks_its_output_folder_first(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
         run_fuse(rgb, "--out", tmp_path / "a_file")
+
+
+def activitynet_evaluation(result: dict, truth: dict[str, str]) -> float:
+    """ActivityNet's eval_classification.py on a result JSON, its loops as written there (without pandas):
+    per class, the submitted (video, score) pairs best first, a hit the first time a video of that class comes up,
+    precision made non-increasing from the right (VOC 2011), summed at each change of recall."""
+    classes = sorted(set(truth.values()))
+    aps = []
+    for c in classes:
+        positives = [v for v, label in truth.items() if label == c]
+        predictions = sorted(((entry["score"], v) for v, entries in result["results"].items() for entry in entries
+                              if entry["label"] == c), key=lambda p: -p[0])
+        locked, tp, fp = set(), [], []
+        for _, v in predictions:
+            hit = v in positives and v not in locked
+            locked |= {v} if hit else set()
+            tp.append(int(hit))
+            fp.append(int(not hit))
+        tp, fp = np.cumsum(tp, dtype=float), np.cumsum(fp, dtype=float)
+        rec, prec = list(tp / len(positives)), list(tp / np.maximum(tp + fp, 1e-12))
+        mprec, mrec = [0.0] + prec + [0.0], [0.0] + rec + [1.0]
+        for i in range(len(mprec) - 2, -1, -1):
+            mprec[i] = max(mprec[i], mprec[i + 1])
+        aps.append(sum((mrec[i] - mrec[i - 1]) * mprec[i] for i in range(1, len(mrec)) if mrec[i] != mrec[i - 1]))
+    return float(np.mean(aps))
+
+
+def test_activitynet_map_is_the_official_evaluation_of_the_result_json():
+    """The mAP published for Kinetics: ActivityNet's evaluation of the top-5 result JSON score.py writes. It differs
+    from scikit-learn's AP over all scores (a class that a video ranks 6th is not submitted, and AP is interpolated)."""
+    import score
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 20, 60)
+    scores = rng.random((60, 20)) + 0.4 * np.eye(20)[labels]
+    scores /= scores.sum(1, keepdims=True)
+    classes = [f"class {c}" for c in range(20)]
+    videos = [f"v{i:02d}" for i in range(60)]
+    result = score.results_json(videos, scores, classes, {})
+    official = activitynet_evaluation(result, {v: classes[y] for v, y in zip(videos, labels)})
+    assert metrics.activitynet_map(scores, labels) == pytest.approx(official, abs=1e-12)
+    figures = metrics.summary(scores, labels, scores, labels)
+    assert figures["video_mAP_anet"] == pytest.approx(official)
+    assert abs(figures["video_mAP_sklearn"] - official) > 0.01
+    # by hand: class 0's two videos, submitted at ranks 1 and 3 of its three submissions -> interpolated (1 + 2/3) / 2;
+    # class 1's one video does not submit it (top 1 only): AP 0
+    hand = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
+    assert metrics.activitynet_map(hand, np.array([0, 1, 0]), top=1) == pytest.approx(((1 + 2 / 3) / 2 + 0) / 2)
+
+
+def test_the_table_and_results_name_both_maps(tmp_path, capsys):
+    rgb = write_scores(tmp_path / "rgb.npz", {"v1": (0, [0.8, 0.2]), "v2": (1, [0.3, 0.7]), "v3": (1, [0.6, 0.4])}, "rgb")
+    report = run_fuse(rgb, "--out", tmp_path / "out")
+    row = report["rows"]["RGB"]
+    # on logits (the default) its result file would hold their softmax: the probabilities written
+    assert row["video_mAP_anet"] == pytest.approx(metrics.activitynet_map(np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]]),
+                                                                          np.array([0, 1, 1])))
+    assert set(row) >= {"video_mAP_anet", "video_mAP_sklearn"} and "ActivityNet's official" in report["mAP"]
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| video_mAP_anet | video_mAP_sklearn |" in markdown and "scikit-learn's average_precision_score" in markdown
+    assert "ActivityNet's official" in capsys.readouterr().out
+
+
+def test_score_workers_default_fits_the_cores_it_may_use():
+    """More DataLoader workers than cores draws torch's warning and slows the machine: on 1 core, score.py takes 1."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import score; "
+            "print(score.get_args_parser().parse_args(['--checkpoint', 'c', '--data', 'd', '--out', 'o']).workers)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
+    import score
+
+    with pytest.raises(SystemExit):  # one usage line, not the DataLoader's ValueError after the model is loaded
+        score.get_args_parser().parse_args(["--checkpoint", "c", "--data", "d", "--out", "o", "--workers", "-1"])
+
+
+def test_score_files_that_do_not_fit_are_named_for_what_is_wrong(tmp_path):
+    """Another class list names the classes; a file cut short is called cut short, a damaged one damaged (score.py
+    writes compressed arrays: a flipped byte is a zlib error inside numpy), each in one line."""
+    rgb = write_scores(tmp_path / "rgb.npz", {"v1": (0, [0.8, 0.1, 0.1]), "v2": (1, [0.2, 0.7, 0.1])}, "rgb",
+                       classes=("a", "b", "c"), compressed=True)
+    flow = write_scores(tmp_path / "flow.npz", {"v1": (0, [0.8, 0.1, 0.1]), "v2": (1, [0.2, 0.7, 0.1])}, "flow",
+                        classes=("a", "c", "d"))
+    with pytest.raises(SystemExit, match=r"another class list .*only in .*flow.npz: 'd'; only in .*rgb.npz: 'b'"):
+        run_fuse(rgb, flow, "--out", tmp_path / "out")
+    data = rgb.read_bytes()
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit, match="cut.npz is cut short"):
+        run_fuse(cut, "--out", tmp_path / "out")
+    with zipfile.ZipFile(rgb) as z:
+        member = z.getinfo("scores.npy")
+    damaged = tmp_path / "damaged.npz"
+    middle = member.header_offset + 30 + len(member.filename) + member.compress_size // 2
+    damaged.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    with pytest.raises(SystemExit, match=r"damaged.npz is damaged: its bytes are not what score.py wrote \((error|BadZipFile)"):
+        run_fuse(damaged, "--out", tmp_path / "out")
+
+
+def test_one_checkpoint_scored_on_two_copies_of_the_data_and_fused_gets_a_note(tmp_path, capsys):
+    videos = {"v1": (0, [0.8, 0.2]), "v2": (1, [0.3, 0.7])}
+    same = {"checkpoint_sha256": "ab" * 32, "tta": "none", "class_topk": 0}
+    a = write_scores(tmp_path / "a.npz", videos, "rgb", **same)
+    b = write_scores(tmp_path / "b.npz", videos, "rgb", **same, data="copy")  # another DATA path: another file
+    report = run_fuse(a, b, "--out", tmp_path / "out")
+    note = ("RGB (a) and RGB (b) are one checkpoint (sha256 abababababab) scored on one split (plan plan-val) with the "
+            "same views: fused, they are that stream with itself, weighed more, not two streams")
+    assert note in report["notes"] and f"note: {note}" in capsys.readouterr().out

@@ -458,3 +458,52 @@ def test_a_broken_manifest_plan_or_record_is_named_in_one_line(data, tmp_path):
     with pytest.raises(SystemExit, match="no such folder"):
         merge([str(tmp_path / "nothing")])
     assert not (tmp_path / "nothing").exists()
+
+
+def test_videos_with_a_display_rotation_are_packed_upright(tmp_path):
+    """Phone clips: the stored picture is turned by the player (90, 180, 270 degrees, or turned and mirrored). The
+    packed frame is the one a player shows, and so is its flow: a texture moving right as shown flows +x."""
+    rng = np.random.default_rng(0)
+    base = (texture(rng, 140, 180, 2.0) * 255).astype(np.uint8)
+    shown = [np.repeat(np.roll(base, 2 * t, axis=1)[20:116, 20:84, None], 3, axis=2) for t in range(6)]  # 64 x 96
+    shown = [np.ascontiguousarray(f * np.linspace(0.4, 1, 96)[:, None, None]).astype(np.uint8) for f in shown]
+    (tmp_path / "v").mkdir()
+    turns = {"r90": (90, False), "r180": (180, False), "r270": (270, False), "r90m": (90, True), "m": (0, True)}
+    for name, (rotation, mirrored) in turns.items():  # stored so that turning it as the player does shows `shown`
+        stored = [np.ascontiguousarray(np.rot90(f[:, ::-1] if mirrored else f, -rotation // 90)) for f in shown]
+        write_video(tmp_path / "v" / f"{name}.mp4", stored, 25, "libx264", display=(rotation, mirrored))
+    csv = kinetics_csv(tmp_path / "k.csv", [(name, "x") for name in turns])
+    assert run_pack("--csv", csv, "--videos", tmp_path / "v", "--out", tmp_path / "d", "--stride", "3",
+                    "--short-side", "64", "--workers", "1") == 0
+    members, info = shard_contents(tmp_path / "d"), load_manifest(tmp_path / "d")["splits"]["train"]["video_info"]
+    for name, (rotation, mirrored) in turns.items():
+        vid = f"{name}_000000_000010"
+        assert (info[vid]["rotation"], info[vid]["mirrored"]) == (rotation, mirrored)
+        frame = simplejpeg.decode_jpeg(members[f"rgb:{vid}/000000.rgb.jpg"])
+        assert frame.shape == shown[0].shape, name
+        assert np.abs(frame.astype(int) - shown[0]).mean() < 4, name
+        flow = decode_flow(simplejpeg.decode_jpeg(members[f"flow:{vid}/000000.flow0.jpg"]), 8.0)[16:-16, 16:-16]
+        dx, dy = np.median(flow[..., 0]), np.median(flow[..., 1])
+        assert abs(dx - 2.0) <= 0.25 and abs(dy) <= 0.25, (name, dx, dy)
+
+
+def test_a_file_with_several_video_streams_says_which_was_read(tmp_path, capsys):
+    """Two video streams (a clip and its small preview): the first is packed, and the manifest and the summary say
+    which it was and what the other is."""
+    (tmp_path / "v").mkdir()
+    with av.open(str(tmp_path / "v" / "two.mp4"), "w") as container:
+        streams = [container.add_stream("libx264", rate=25) for _ in range(2)]
+        for stream, (w, h) in zip(streams, [(96, 64), (48, 32)]):
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for t in range(4):
+            for stream in streams:
+                image = np.full((stream.height, stream.width, 3), 40 * t, np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        for stream in streams:
+            container.mux(stream.encode())
+    csv = kinetics_csv(tmp_path / "k.csv", [("two", "x")])
+    assert run_pack("--csv", csv, "--videos", tmp_path / "v", "--out", tmp_path / "d", "--short-side", "32",
+                    "--workers", "1") == 0
+    said = load_manifest(tmp_path / "d")["splits"]["train"]["video_info"]["two_000000_000010"]["video_stream"]
+    assert said == "read video stream #0 h264 96x64 of 2 video streams (not read: #1 h264 48x32)"
+    assert said in capsys.readouterr().out

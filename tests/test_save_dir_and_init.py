@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -146,3 +147,54 @@ def test_init_and_resume_check_the_data_they_are_given(data, synth, finished, tm
         run_train("--data", other, *TINY, "--max-iterations", "4", "--save-dir", resumed, "--resume")
     run_train("--data", data, *TINY, "--max-iterations", "4", "--save-dir", resumed, "--resume")
     assert load(resumed / "latest.pt")["iteration"] == 4
+
+
+def test_flags_given_anew_on_resume_apply_from_there_or_are_refused(data, tmp_path):
+    """--lr, --step-values, --gamma given on --resume rebuild the schedule at the resumed iteration (the weights differ
+    from a resume without them, the learning rate is the new schedule's), the log says so, and the checkpoint
+    records the values that ran. Flags that cannot apply are refused with the reason."""
+    common = ["--data", data, *TINY, "--step-values", "100", "--keep", "10"]
+    first = tmp_path / "first"
+    run_train(*common, "--max-iterations", "4", "--save-dir", first)
+    same, other = tmp_path / "same", tmp_path / "other"
+    for save in (same, other):
+        shutil.copytree(first, save)
+    run_train(*common, "--max-iterations", "8", "--save-dir", same, "--resume")
+    run_train(*common, "--max-iterations", "8", "--save-dir", other, "--resume", "--lr", "0.05",
+              "--step-values", "6", "--gamma", "0.5")
+    a, b = load(same / "latest.pt"), load(other / "latest.pt")
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert b["args"]["lr"] == 0.05 and b["args"]["step_values"] == [6]
+    assert [g["lr"] for g in b["optimizer"]["param_groups"]] == pytest.approx([0.025, 0.05, 0.025])  # dropped at 6
+    assert "--resume: given anew, applied from iteration 4 on: --lr 0.05 (was 0.01), --max-iterations 8 (was 4), " \
+           "--step-values [6] (was [100]), --gamma 0.5 (was 0.1); the learning rate now 0.05" in (other / "train.log").read_text()
+    assert "--resume: given anew, applied from iteration 4 on: --max-iterations 8 (was 4); the learning rate now 0.01" \
+           in (same / "train.log").read_text()
+    assert a["args"]["step_values"] == [100]  # not given anew: the run's own, not the default
+    with pytest.raises(SystemExit, match="--pretrained imagenet sets the weights a new run starts from"):
+        run_train(*common, "--max-iterations", "12", "--save-dir", same, "--resume", "--pretrained", "imagenet")
+    with pytest.raises(SystemExit, match="--max-iterations 6, but the run .* is at iteration 8 already"):
+        run_train(*common, "--max-iterations", "6", "--save-dir", same, "--resume")
+    with pytest.raises(SystemExit, match="--amp fp16, but the run was trained with --amp auto"):
+        run_train(*common, "--max-iterations", "12", "--save-dir", same, "--resume", "--amp", "fp16")
+    with pytest.raises(SystemExit, match="--seed 3, but the run was trained with --seed 0: its data order"):
+        run_train(*common, "--max-iterations", "12", "--save-dir", same, "--resume", "--seed", "3")
+    for flag, value in (("--lr", "nan"), ("--lr", "-1"), ("--gamma", "inf"), ("--step-values", "-5"),
+                        ("--max-iterations", "0"), ("--momentum", "2")):
+        with pytest.raises(SystemExit):  # argparse's one-line usage error, before any work
+            run_train(*common, "--save-dir", same, "--resume", flag, value)
+
+
+def test_a_finished_run_extended_records_what_an_unstopped_longer_run_does(data, tmp_path):
+    """A run of 5 iterations logs its end at 5 (off the --log-every 2 grid); extended to 8, its records are those of
+    an unstopped run of 8: the line at 6 holds the losses of 5 and 6."""
+    common = ["--data", data, *TINY, "--val-split", "val", "--val-every", "4", "--val-batches", "1"]
+    whole, extended = tmp_path / "whole", tmp_path / "extended"
+    run_train(*common, "--max-iterations", "8", "--save-dir", whole)
+    run_train(*common, "--max-iterations", "5", "--save-dir", extended)
+    assert load(extended / "latest.pt")["history"]["train"][-1][0] == 5
+    run_train(*common, "--max-iterations", "8", "--save-dir", extended, "--resume")
+    a, b = load(whole / "latest.pt"), load(extended / "latest.pt")
+    assert a["history"] == b["history"] and a["best"] == b["best"]
+    assert "the log line and validation written at iteration 5 as the end of the shorter run are left out" in \
+           (extended / "train.log").read_text()

@@ -111,9 +111,21 @@ def remove_stale_temporaries(save_dir: Path, log) -> None:
 
 
 def atomic_save(obj: dict, path: Path) -> None:
+    """torch.save under a temporary name, then renamed; a write that fails (a full disk) removes it and stops the run
+    with one line (torch's own error is a RuntimeError of its zip writer, "unexpected pos ...")."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 2**20
+        kept = sorted(path.parent.glob("ckpt-*.pt"))
+        why = getattr(e, "strerror", None) or "the write failed"
+        raise SystemExit(f"error: the checkpoint {path} could not be written ({why}; {free:.1f} MiB free on its "
+                         f"disk, or a file size limit?): nothing half-written "
+                         f"is left; free space, then run the same command with --resume (it goes on from "
+                         f"{kept[-1].name if kept else 'the start: no checkpoint yet'})") from None
 
 
 def save_checkpoint(state: dict, save_dir: Path, keep: int, best: bool) -> None:

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import nets
+from pack.annotations import class_difference
 from pack.manifest import load_manifest, params_differ, split_identity
 
 from .checkpoints import load_checkpoint, read_checkpoint
@@ -16,6 +19,11 @@ from .checkpoints import load_checkpoint, read_checkpoint
 # The model's shape and what a sample is: a resumed run keeps its checkpoint's (a flag given anyway must agree).
 MODEL_FLAGS = {"arch": "inception_v3", "modality": None, "input_size": 299, "flow_len": None, "no_flip": False,
                "segments": 1, "partial_bn": False, "dropout": None}
+# The optimisation's: a resume keeps the run's unless given anew; then they apply from the resumed iteration on.
+RUN_FLAGS = {"lr": 0.001, "momentum": 0.9, "weight_decay": 5e-4, "max_iterations": 500_000,
+             "step_values": [200_000, 400_000], "gamma": 0.1}
+# Flags that say nothing about the run itself (where it writes, how it was started).
+NOT_RUN_FLAGS = ("resume", "overwrite", "save_dir", "device", "visdom", "allow_other_params")
 
 
 def param_groups(model: nn.Module, args) -> list[dict]:
@@ -59,11 +67,46 @@ def settle_model_flags(args, resumed: dict | None, init: dict | None) -> None:
             setattr(args, name, init["args"].get(name, default) if carried else default)
 
 
+def settle_run_flags(args, resumed: dict | None) -> dict:
+    """The optimisation's flags: as given, else a resumed run's own, else the defaults.
+
+    Returns what a resume was given anew ({name: (the run's value, the new one)}, every flag,
+    not only these): each applies from the resumed iteration on, and the log says so. Refused
+    here, with the reason, where it cannot apply: --pretrained (the resumed weights are the
+    checkpoint's), a smaller --max-iterations than the iterations done, --seed (the data order
+    and random state are the run's), and a change of --amp into or out of fp16 (its loss scale
+    is the run's state); --batch-size and the world size are refused by the loader's position.
+    """
+    was = resumed["args"] if resumed is not None else {}
+    for name, default in RUN_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, was.get(name, default))
+    if resumed is None:
+        return {}
+    if args.pretrained is not None and args.pretrained != was.get("pretrained"):
+        raise SystemExit(f"error: --resume: --pretrained {args.pretrained} sets the weights a new run starts from; the "
+                         f"resumed run's come from its checkpoint (it started from --pretrained "
+                         f"{was.get('pretrained')}): drop --pretrained, or start a new run")
+    args.pretrained = was.get("pretrained")
+    if args.max_iterations < resumed["iteration"]:
+        raise SystemExit(f"error: --resume: --max-iterations {args.max_iterations}, but the run in {args.save_dir} is "
+                         f"at iteration {resumed['iteration']} already: give a larger one")
+    if args.seed != was.get("seed", args.seed):
+        raise SystemExit(f"error: --resume: --seed {args.seed}, but the run was trained with --seed {was['seed']}: its "
+                         f"data order and random state are the run's; drop --seed, or start a new run with --init")
+    if "fp16" in {args.amp, was.get("amp", args.amp)} and args.amp != was.get("amp", args.amp):
+        raise SystemExit(f"error: --resume: --amp {args.amp}, but the run was trained with --amp {was['amp']}: fp16's "
+                         f"loss scale is part of its state; resume with --amp {was['amp']}, or start a new run with --init")
+    return {name: (was[name], value) for name, value in plain_args(args).items()
+            if name in was and was[name] != value and name not in NOT_RUN_FLAGS}
+
+
 def check_same_data(args, resumed: dict, classes: list[str], data: dict) -> None:
     """A resumed run goes on with the data it started on: the same classes, the same packed split (when recorded)."""
     if resumed["classes"] != classes:
         raise SystemExit(f"error: the checkpoint has {len(resumed['classes'])} classes, {args.data} has "
-                         f"{len(classes)}: resume with the data it was trained on")
+                         f"{len(classes)} ({class_difference(resumed['classes'], classes, 'the checkpoint', str(args.data))})"
+                         f": resume with the data it was trained on")
     was = resumed.get("data")  # checkpoints before provenance do not say
     if was and (was["split"], was["plan"]) != (data["split"], data["plan"]):
         raise SystemExit(f"error: --resume: the run in {args.save_dir} was trained on {was['data']}/{was['split']} "
@@ -182,6 +225,7 @@ class Run:
             self.mine = rank_state(args, resumed, rank, world)
         init = load_init(args, classes, flow_len, self.data, log) if args.init else None
         settle_model_flags(args, resumed, init)
+        anew = settle_run_flags(args, resumed)
         if init is not None and args.no_flip and init["args"].get("no_flip"):
             log(f"--no-flip carried over from --init {args.init} (it was trained without mirroring)")
         if args.modality == "flow":
@@ -199,17 +243,56 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, args.step_values, args.gamma)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.history, self.best = {"train": [], "val": []}, -1.0
+        self.notes: list[str] = []  # what a resume applied anew: logged once the loaders accept the run's position
         if resumed is not None:
             self.optimizer.load_state_dict(resumed["optimizer"])
             self.scheduler.load_state_dict(resumed["scheduler"])
             self.scaler.load_state_dict(resumed["scaler"])
             self.history, self.best = resumed["history"], resumed["best"]
             set_random_state(self.mine["rng"] if self.mine else resumed["rng"])
+            self.notes = self.given_anew(anew, resumed["args"])
             where = self.mine and self.mine["loader"]
             log(f"resumed from iteration {self.start} (lr {self.scheduler.get_last_lr()[0]:g}), "
                 + (f"the data from epoch {where['epoch']}, sample {where['served']} of its plan: the batches an "
                    f"unstopped run draws" if where else "the data order afresh (a checkpoint from before planned "
                    "data orders)" if self.mine is None else "synthetic data"))
+
+    def given_anew(self, anew: dict, was: dict) -> list[str]:
+        """A resume's new flags, applied from this iteration on, and the log lines that say so: the optimiser's
+        settings and the learning-rate schedule rebuilt from --lr, --step-values and --gamma (the rate now is what
+        they give here); the records of the shorter run's end dropped where --max-iterations is extended."""
+        if not anew:
+            return []
+        a, notes = self.args, []
+        if {"lr", "step_values", "gamma", "momentum", "weight_decay"} & set(anew):
+            base, decay = [a.lr, 2 * a.lr, a.lr], [a.weight_decay, 0.0, 0.0]  # param_groups' order
+            drops = bisect_right(sorted(a.step_values), self.start)
+            for group, lr, wd in zip(self.optimizer.param_groups, base, decay):
+                group.update(initial_lr=lr, lr=lr * a.gamma ** drops, momentum=a.momentum, weight_decay=wd)
+            s = self.scheduler
+            s.milestones, s.gamma, s.base_lrs = Counter(a.step_values), a.gamma, base
+            s._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if "max_iterations" in anew and a.max_iterations > self.start == was["max_iterations"]:
+            notes += self.extended(was)
+        return [f"--resume: given anew, applied from iteration {self.start} on: "
+                + ", ".join(f"{cli_flag(k)} {new} (was {old})" for k, (old, new) in anew.items())
+                + f"; the learning rate now {self.scheduler.get_last_lr()[0]:g}"] + notes
+
+    def extended(self, was: dict) -> list[str]:
+        """A finished run made longer: its last log line and validation, written at its end off the --log-every and
+        --val-every grid, are not ones an unstopped longer run writes: they leave the records (the losses since
+        the line before are in the checkpoint), so the lines from here are the longer run's."""
+        dropped = []
+        if self.start % was["log_every"] and self.history["train"] and self.history["train"][-1][0] == self.start:
+            self.history["train"].pop()
+            dropped.append("log line")
+        if self.start % was["val_every"] and self.history["val"] and self.history["val"][-1][0] == self.start:
+            self.history["val"].pop()
+            self.best = max([m["top1"] for _, m in self.history["val"]], default=-1.0)
+            dropped.append("validation")
+        return [f"--max-iterations {was['max_iterations']} -> {self.args.max_iterations}: the {' and '.join(dropped)} "
+                f"written at iteration {self.start} as the end of the shorter run are left out of the records, as "
+                f"an unstopped run of {self.args.max_iterations} iterations writes none there"] if dropped else []
 
     def state(self, iteration: int, ranks: list[dict]) -> dict:
         """The checkpoint of iteration `iteration`; ranks: each rank's loader position, random state, unlogged losses."""
