@@ -66,15 +66,20 @@ PAN = (0.5, 2.5)  # camera pan speed range, pixels a frame, any direction
 
 def load_footage(folder: Path) -> list[tuple[str, list[np.ndarray]]]:
     """Every 4th frame of each clip (RGB, short side 160), by clip, sorted by file name."""
+    if not folder.is_dir():
+        raise SystemExit(f"error: {folder}: no such folder (give a folder of real video clips)")
     clips = []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS):
         frames = []
-        with av.open(str(path)) as container:
-            for i, frame in enumerate(container.decode(video=0)):
-                if i % 4 == 0:
-                    image = frame.to_ndarray(format="rgb24")
-                    scale = 160 / min(image.shape[:2])
-                    frames.append(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
+        try:
+            with av.open(str(path)) as container:
+                for i, frame in enumerate(container.decode(video=0)):
+                    if i % 4 == 0:
+                        image = frame.to_ndarray(format="rgb24")
+                        scale = 160 / min(image.shape[:2])
+                        frames.append(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
+        except av.FFmpegError as e:
+            print(f"warning: {path}: not used, it does not decode ({e})")
         if frames:
             clips.append((path.name, frames))
     if len(clips) < 2:
@@ -260,9 +265,9 @@ def main() -> None:
     if args.seeds < 1 or args.iterations < 4:
         raise SystemExit("error: --seeds must be 1 or more, --iterations 4 or more")
     begin = time.perf_counter()
+    footage = load_footage(args.footage)
     for d in ("logs", "scores"):
         (args.work / d).mkdir(parents=True)
-    footage = load_footage(args.footage)
     truth = make_videos(footage, args.work, {"train": args.train_per_class, "val": args.test_per_class}, seed=0)
     methods = sorted({CONFIGS[c][1] for c in args.configs}, key=[f for flags in CONFIGS.values() for f in flags].index)
     per_pair = flow_milliseconds(args.footage, footage, methods, args.rounds)
