@@ -21,7 +21,7 @@ class PackParams:
     """Everything that decides the bytes in the shards (recorded in the manifest)."""
 
     stride: int = 6
-    flow: str = "farneback"
+    flow: str = "dis-medium"
     flow_len: int = 1
     flow_bound: float = 8.0
     flow_encoding: str = "xym"
