@@ -256,6 +256,8 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
                    help=f"configurations to compare (default all: {', '.join(CONFIGS)})")
     p.add_argument("--seeds", type=int, default=2, help="training seeds per configuration")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds --first-seed .. --first-seed + --seeds - 1 (more "
+                                                             "seeds of a run: the same videos, runs and figures per seed)")
     p.add_argument("--iterations", type=int, default=250, help="training iterations per run")
     p.add_argument("--train-per-class", type=int, default=40, help="training videos per class")
     p.add_argument("--test-per-class", type=int, default=16, help="test videos per class")
@@ -276,13 +278,14 @@ def main() -> None:
     for name in args.configs:
         data, pack_rate = pack(args.work, name, CONFIGS[name])
         epe = stored_flow_error(data, truth)
-        scores = [train_and_score(args.work, name, data, seed, args) for seed in range(args.seeds)]
+        scores = [train_and_score(args.work, name, data, seed, args)
+                  for seed in range(args.first_seed, args.first_seed + args.seeds)]
         flows = int(CONFIGS[name][CONFIGS[name].index("--flow-len") + 1]) if "--flow-len" in CONFIGS[name] else 1
         rows.append((name, pack_rate, per_pair[CONFIGS[name][1]] * flows, epe, scores))
         print(f"{name}: done ({time.perf_counter() - begin:.0f} s so far)", flush=True)
     lines = [f"{len(CLASSES)} classes, {args.train_per_class} training and {args.test_per_class} test videos each, "
              f"{FRAMES} frames of {WIDTH}x{HEIGHT}; ResNet-18 at 32, {args.iterations} iterations, seeds "
-             f"0..{args.seeds - 1} (mean ± standard deviation); chance 1/{len(CLASSES)}; {os.cpu_count()} cores, "
+             f"{args.first_seed}..{args.first_seed + args.seeds - 1} (mean ± standard deviation); chance 1/{len(CLASSES)}; {os.cpu_count()} cores, "
              f"{time.perf_counter() - begin:.0f} s in all",
              "| config | pack s / 1000 frames | flow ms / sample (256 short side) | frame top-1 | video top-1 | "
              "EPE slow | EPE fast | EPE none | EPE background |",
