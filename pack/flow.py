@@ -28,8 +28,8 @@ ENCODINGS = ("xym", "xy")
 DEFAULT_BOUNDS = {"xym": 8.0, "xy": 20.0}
 DIS_PRESETS = {"dis": "ULTRAFAST", "dis-fast": "FAST", "dis-medium": "MEDIUM"}
 # TV-L1 at 3 scales a halving apart (not 5 at 0.8), 2 warps (not 5), 1 outer x 10 inner iterations
-# (not 10 x 30), a looser stop: a few times Farneback's time on a real frame pair (the table in
-# docs/benchmarks.md) where OpenCV's defaults take ~80x.
+# (not 10 x 30), a looser stop: about 6x Farneback's time on a real frame pair (docs/benchmarks.md)
+# where OpenCV's defaults take ~80x.
 TVL1 = {"nscales": 3, "scaleStep": 0.5, "warps": 2, "outerIterations": 1, "innnerIterations": 10, "epsilon": 0.02}
 
 
