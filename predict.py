@@ -38,7 +38,7 @@ from outputs import check_outputs, file_identity, replaced_note
 from pack.annotations import class_difference
 from pack.files import atomic_write_json
 from pack.flow import make_flow_fn
-from pack.manifest import load_manifest
+from pack.manifest import complete_params, load_manifest
 from pack.packer import PackParams, Timer, video_samples
 from pack.video import VIDEO_EXTENSIONS, VideoError, frame_rate
 
@@ -88,7 +88,7 @@ def load_stream(name: str, path: Path, data: Path | None, device: torch.device, 
     stream = Stream(tars=[], indexes=[], modality=a["modality"], flow_len=a["flow_len"] or 1, samples=0,
                     classes=ckpt["classes"])
     return {"name": name, "path": str(path), "model": model, "stream": stream, "crop": a["input_size"],
-            "params": PackParams(**params), "provenance": {"checkpoint": str(path), "sha256": ckpt["file_sha256"],
+            "params": PackParams(**complete_params(params)), "provenance": {"checkpoint": str(path), "sha256": ckpt["file_sha256"],
                                                            "iteration": ckpt["iteration"], "trained_on": ckpt.get("data")}}
 
 

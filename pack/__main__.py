@@ -32,7 +32,8 @@ from tqdm import tqdm
 from .annotations import (AnnotationError, Annotations, Clip, check_disjoint, class_difference, class_list, deduplicated,
                           read_class_file, read_folders, read_hmdb51, read_kinetics, read_list, read_ucf101, SPLIT_ALIASES)
 from .files import Lock, atomic_write_json, check_output_dir
-from .manifest import PLAN_KEYS, BrokenFile, data_lock, plan_id, read_json, write_manifest
+from .flow import DEFAULT_BOUNDS, ENCODINGS, METHODS, make_flow_fn
+from .manifest import PLAN_KEYS, BrokenFile, complete_params, data_lock, plan_id, read_json, write_manifest
 from .packer import PackParams, pack_group
 from .shards import sample_key
 from .video import VideoError, VideoIndex
@@ -82,11 +83,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                 "or the classes already in DATA so val/test share train's order)")
     p.add_argument("--workers", type=int, default=mp.cpu_count(), help="processes packing in parallel (default: all cores)")
     p.add_argument("--stride", type=integer(1), default=d.stride, help="keep one sample every N frames (the baseline's frame_step)")
-    p.add_argument("--flow", choices=["farneback", "dis"], default=d.flow, help="optical flow method: farneback (the baseline's) or dis (ultrafast, ~20x quicker)")
+    p.add_argument("--flow", choices=METHODS, default=d.flow,
+                   help=f"optical flow method (default {d.flow}): farneback (the baseline's), dis, dis-fast, dis-medium "
+                        f"(DIS at OpenCV's ultrafast, fast, medium presets), tvl1 (TV-L1, cut down to be affordable for "
+                        f"UCF101-sized data; needs opencv-contrib-python-headless); docs/benchmarks.md compares them")
+    p.add_argument("--flow-encoding", choices=ENCODINGS, default=d.flow_encoding,
+                   help=f"flow image channels (default {d.flow_encoding}): xym, x/y/magnitude (the baseline's), or xy, "
+                        f"x/y and a constant third channel (TSN's)")
     p.add_argument("--flow-len", type=integer(1), default=d.flow_len, help="flow images per sample (frames t..t+L)")
-    p.add_argument("--flow-bound", type=pixels, default=d.flow_bound, help="flow in pixels that maps to the ends of 0..255")
+    p.add_argument("--flow-bound", type=pixels, help="flow in pixels that maps to the ends of 0..255 (default: "
+                   + ", ".join(f"{b:g} for {e}" for e, b in DEFAULT_BOUNDS.items()) + ")")
     p.add_argument("--short-side", type=integer(16), default=d.short_side, help="resize frames so the short side has this many pixels")
-    p.add_argument("--quality", type=integer(1, 100), default=d.quality, help="JPEG quality")
+    p.add_argument("--quality", type=integer(1, 100), default=d.quality, help="JPEG quality of the RGB frames (and of "
+                                                                                "flow, without --flow-quality)")
+    p.add_argument("--flow-quality", type=integer(1, 100), help="JPEG quality of the flow images (default: --quality)")
     p.add_argument("--shard-videos", type=integer(1), default=d.shard_videos, help="videos per shard group (the unit of parallel work and resume)")
     p.add_argument("--shard-mb", type=integer(1), default=d.shard_mb, help="start a new shard past this many MB")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the video order across shards")
@@ -191,7 +201,9 @@ def plan_groups(clips: list[Clip], classes: list[str], p: PackParams) -> list[li
 
 
 def same_plan(old: dict, new: dict) -> bool:
-    """Whether a split's existing plan is this run's (plans written before they recorded their source match without it)."""
+    """Whether a split's existing plan is this run's (plans written before they recorded their source match without it,
+    and before a pack parameter existed, as packed with what it is now set to: complete_params)."""
+    old = {**old, "params": complete_params(old["params"])}
     return old == (new if "source" in old else {k: v for k, v in new.items() if k != "source"})
 
 
@@ -291,6 +303,10 @@ def _pack_in_worker(split_dir: Path, group: int, videos: list[dict], params: Pac
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        make_flow_fn(args.flow)  # a method this install lacks (tvl1 without OpenCV's contrib) stops before any work
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     part, parts, how = choose_part(args)
     if how:
         print(f"packing part {part} of {parts} (0..{parts - 1}), from {how}")
@@ -300,8 +316,10 @@ def main(args: argparse.Namespace) -> int:
     except AnnotationError as e:
         raise SystemExit(f"error: {e}") from None
     check_output_dir(args.out, "--out")
-    params = PackParams(stride=args.stride, flow=args.flow, flow_len=args.flow_len, flow_bound=args.flow_bound,
-                        short_side=args.short_side, quality=args.quality, shard_videos=args.shard_videos,
+    params = PackParams(stride=args.stride, flow=args.flow, flow_len=args.flow_len,
+                        flow_bound=args.flow_bound or DEFAULT_BOUNDS[args.flow_encoding],
+                        flow_encoding=args.flow_encoding, short_side=args.short_side, quality=args.quality,
+                        flow_quality=args.flow_quality or args.quality, shard_videos=args.shard_videos,
                         shard_mb=args.shard_mb, seed=args.seed)
     index = VideoIndex(args.videos or args.folders)
     where = {split: located(args, split, clips, index) for split, clips in annotations.splits.items()}
@@ -328,12 +346,15 @@ def pack_split(args, split: str, planning: tuple, where: dict, part: int, parts:
             for tmp in [*args.out.glob(".manifest.json.tmp*"), *args.out.glob(".classes.txt.tmp*")]:
                 tmp.unlink()  # of a pack killed while writing them (under the lock: no other is)
             plan = split_plan(args, split, *planning)
-            if plan_path.exists() and not same_plan(read_json(plan_path, needs=PLAN_KEYS), plan):
-                raise SystemExit(f"error: {split_dir} was packed from other annotations or with other parameters; "
-                                 f"re-run with the same arguments, or pack into a new --out")
-            if not plan_path.exists():
+            if plan_path.exists():
+                packed = read_json(plan_path, needs=PLAN_KEYS)
+                if not same_plan(packed, plan):
+                    raise SystemExit(f"error: {split_dir} was packed from other annotations or with other parameters; "
+                                     f"re-run with the same arguments, or pack into a new --out")
+                plan = packed  # its id is the split's, which the records of the groups packed now must carry
+            else:
                 atomic_write_json(plan_path, plan)
-        groups, params = plan["groups"], PackParams(**plan["params"])
+        groups, params = plan["groups"], PackParams(**complete_params(plan["params"]))
         mine = [g for g in range(len(groups)) if g % parts == part]
         todo = [g for g in mine if not (split_dir / "records" / f"{g:05d}.json").exists()]
         for g in todo:  # temporaries of a killed run of this part: shards, indexes, records
@@ -343,7 +364,7 @@ def pack_split(args, split: str, planning: tuple, where: dict, part: int, parts:
         n_videos = sum(len(j) for j in jobs.values())
         print(f"{split}: {sum(len(g) for g in groups)} videos in {len(groups)} groups; part {part}/{parts}: "
               f"{len(mine)} groups, {len(mine) - len(todo)} already done, packing {n_videos} videos "
-              f"with {args.workers} workers ({params.flow} flow)")
+              f"with {args.workers} workers ({params.flow} flow, {params.flow_encoding} at bound {params.flow_bound:g})")
         try:
             records, start = run_jobs(split_dir, jobs, params, args.workers, n_videos, {"plan": plan_id(plan),
                                                                                         "part": [part, parts]})

@@ -120,15 +120,26 @@ def build_manifest(data: Path) -> dict:
 
 
 # The pack parameters that decide what a network's input looks like: a stream trained on one set
-# and given inputs made with another sees other pictures than it learnt (stride, quality and
+# and given inputs made with another sees other pictures than it learnt (stride, RGB quality and
 # shard sizes do not change that; nor does the flow length packed: a stream reads its own
 # number of flow images, which open_stream checks the data has).
-INPUT_PARAMS = ("flow", "flow_bound", "short_side")
+INPUT_PARAMS = ("flow", "flow_encoding", "flow_bound", "flow_quality", "short_side")
+
+
+def complete_params(params: dict) -> dict:
+    """Pack parameters as recorded, with those added since read as what data packed before them was packed with.
+
+    Before --flow-encoding and --flow-quality existed, flow was x/y/magnitude at the RGB JPEG quality.
+    """
+    if "flow" not in params:  # not a record of pack parameters (a checkpoint older than pack_params)
+        return params
+    return {"flow_encoding": "xym", "flow_quality": params.get("quality", 90), **params}
 
 
 def params_differ(trained: dict, given: dict, modality: str) -> list[str]:
     """The input-deciding pack parameters that differ, as "name A vs B" (flow's only for the flow stream)."""
     names = INPUT_PARAMS if modality == "flow" else ("short_side",)
+    trained, given = complete_params(trained), complete_params(given)
     return [f"{n} {trained.get(n)} vs {given.get(n)}" for n in names
             if n in trained and n in given and trained[n] != given[n]]
 

@@ -21,11 +21,13 @@ class PackParams:
     """Everything that decides the bytes in the shards (recorded in the manifest)."""
 
     stride: int = 6
-    flow: str = "farneback"
+    flow: str = "dis-medium"
     flow_len: int = 1
     flow_bound: float = 8.0
+    flow_encoding: str = "xym"
     short_side: int = 256
     quality: int = 90
+    flow_quality: int = 90
     shard_videos: int = 500
     shard_mb: int = 1000
     seed: int = 0
@@ -103,7 +105,7 @@ def video_samples(path: Path, p: PackParams, flow_fn: FlowFn, timer: Timer, info
         if i not in flows:
             f = flow_fn(gray[i], gray[i + 1])
             timer.lap("flow")
-            flows[i] = encode_jpeg(encode_flow(f, p.flow_bound), p.quality, full_chroma=True)
+            flows[i] = encode_jpeg(encode_flow(f, p.flow_bound, p.flow_encoding), p.flow_quality, full_chroma=True)
             timer.lap("encode")
         return flows[i]
 
