@@ -160,7 +160,7 @@ def upright(image: np.ndarray, rotation: int, mirrored: bool) -> np.ndarray:
 
 
 def frame_rate(path: str | Path) -> float | None:
-    """Frames per second of a video's first video stream, if its container says."""
+    """Frames per second of the video stream pack reads (pick_stream), if its container says."""
     try:
         with av.open(str(path)) as container:
             rate = pick_stream(container).average_rate

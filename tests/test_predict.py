@@ -165,3 +165,35 @@ def test_a_video_whose_scores_are_not_finite_is_reported(trained, tmp_path):
     allowed = run_predict(DATA / "g1.avi", "--rgb", tmp_path / "huge.pt", "--allow-non-finite", "--out", tmp_path / "q.json")
     assert "g1" in allowed["results"]
     json.loads((tmp_path / "q.json").read_text(), parse_constant=refuse)
+
+
+def test_a_phone_clip_with_a_display_rotation_is_predicted_upright(synth, data, tmp_path):
+    """The same clip stored sideways with a 90-degree display rotation (as phones record) is predicted as the upright
+    one is, both streams (its flow, on turned frames, moves the right way), with a note; stored sideways without the
+    rotation it is another picture (a disc moving sideways), scored otherwise. Streams trained 2 iterations will do:
+    what is compared is their logits on the same inputs, or on others."""
+    import av
+
+    import train
+
+    for modality in ("rgb", "flow"):
+        train.main(train.get_args_parser().parse_args(
+            ["--data", str(data), "--modality", modality, "--arch", "resnet18", "--input-size", "32", "--batch-size",
+             "8", "--workers", "1", "--max-iterations", "2", "--val-split", "", "--save-dir", str(tmp_path / modality)]))
+    clip = sorted((synth / "videos" / "val").rglob("*.mp4"))[0]
+    with av.open(str(clip)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    sideways = [np.ascontiguousarray(np.rot90(f, -1)) for f in frames]  # a player turns it back 90 degrees
+    write_video(tmp_path / "upright.mp4", frames, 25, "libx264")
+    write_video(tmp_path / "phone.mp4", sideways, 25, "libx264", display=(90, False))
+    write_video(tmp_path / "sideways.mp4", sideways, 25, "libx264")
+    out = run_predict(*(tmp_path / f"{name}.mp4" for name in ("upright", "phone", "sideways")),
+                      "--rgb", tmp_path / "rgb" / "latest.pt", "--flow", tmp_path / "flow" / "latest.pt")
+    results, notes = out["results"], out["report"]["notes"]
+    upright, phone, wrong = (results[name]["streams"] for name in ("upright", "phone", "sideways"))
+    for stream in ("RGB", "Flow"):
+        near = np.abs(phone[stream]["logits"] - upright[stream]["logits"]).max()
+        far = np.abs(wrong[stream]["logits"] - upright[stream]["logits"]).max()
+        assert near < far / 5, (stream, near, far)
+    assert notes[str(tmp_path / "phone.mp4")] == "rotated 90 degrees as its display matrix says (as a player shows it)"
+    assert str(tmp_path / "upright.mp4") not in notes
