@@ -445,8 +445,8 @@ class CpuLoader:
             return next(batches)
         except StopIteration:
             return None
-        except Exception as e:
-            if "DataLoader worker" not in str(e):
+        except Exception as e:  # a worker that died while its batch was handed over: the connection is reset
+            if "DataLoader worker" not in str(e) and not isinstance(e, ConnectionError):
                 raise
             raise RuntimeError(self._death_report(e)) from e
 
