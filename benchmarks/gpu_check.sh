@@ -2,7 +2,8 @@
 # The GPU figures of docs/benchmarks.md in one run (estimated at 7 minutes on an H100/H200; not yet run):
 #   1. the graphed training step computes what the eager one does (benchmarks/graph_check.py);
 #   2. loader images/s: DALI (nvJPEG, crop-window decoding), the CPU loader, the files baseline, the decode ceiling;
-#   3. InceptionV3 training, rgb and flow x5 at batch 64: model alone eager and graphed, DALI and the CPU loader graphed.
+#   3. InceptionV3 training, rgb and flow x5 at batch 64: model alone eager and graphed, DALI and the CPU loader graphed,
+#      and DALI graphed with TSN's segments (--segments 3: 21 videos x 3 frames a batch, 63 images).
 # Usage: bash benchmarks/gpu_check.sh SMALL_DATA [WORK_DIR]   (SMALL_DATA: packed with --flow-len 5)
 set -u
 SMALL=$1
@@ -37,3 +38,4 @@ for modality in rgb flow; do
   train $modality-dali-graph --modality $modality --backend dali
   train $modality-cpu-graph --modality $modality --backend cpu
 done
+train rgb-dali-graph-segments3 --modality rgb --backend dali --segments 3 --batch-size 21
