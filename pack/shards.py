@@ -21,7 +21,8 @@ SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
 MAX_KEY = 80
 # Each sample's last member: the CRC-32C of each of its other members, a line `{member name} {crc:08x}` each (as
 # TFRecord's per-record CRC-32C, checked by every reader as it reads: ~1.5 us for a 25 kB JPEG with the CPU's crc32
-# instruction, where zlib's CRC-32 took ~8, about 2% of a loader's time a sample: docs/benchmarks.md).
+# instruction, where zlib's CRC-32 took ~8; all the reader's checks, 1-2% of a loader's time a sample:
+# docs/benchmarks.md).
 CHECKSUMS = "crc32c"
 
 
