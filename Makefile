@@ -8,12 +8,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo
 WORKERS ?= 2
+PACK_FLAGS ?=  # more pack flags for the demo, e.g. make demo PACK_FLAGS='--flow farneback'
 
 .PHONY: demo test clean
 
 $(VENV)/.installed: setup.cfg setup.py pyproject.toml constraints.txt loaders/_jpeg_region.c loaders/_crash_hint.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip uninstall -q -y opencv-python-headless  # replaced by opencv-contrib-python-headless (TV-L1): never both
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
@@ -27,9 +29,9 @@ demo: $(VENV)/.installed
 	rm -rf $(DEMO)
 	$(PY) -m pack.synth --out $(DEMO)/raw
 	$(PY) -m pack --csv $(DEMO)/raw/train.csv --videos $(DEMO)/raw/videos --out $(DEMO)/data \
-		--stride 4 --flow-len 2 --short-side 96 --shard-videos 10 --workers $(WORKERS)
+		--stride 4 --flow-len 2 --short-side 96 --shard-videos 10 --workers $(WORKERS) $(PACK_FLAGS)
 	$(PY) -m pack --csv $(DEMO)/raw/val.csv --videos $(DEMO)/raw/videos --out $(DEMO)/data \
-		--stride 4 --flow-len 2 --short-side 96 --shard-videos 10 --workers $(WORKERS)
+		--stride 4 --flow-len 2 --short-side 96 --shard-videos 10 --workers $(WORKERS) $(PACK_FLAGS)
 	$(PY) train.py --data $(DEMO)/data --modality rgb --save-dir $(DEMO)/runs/rgb $(TRAIN)
 	$(PY) train.py --data $(DEMO)/data --modality flow --save-dir $(DEMO)/runs/flow $(TRAIN)
 	$(PY) score.py --checkpoint $(DEMO)/runs/rgb/latest.pt --data $(DEMO)/data --split val --out $(DEMO)/scores/rgb_val.npz --workers $(WORKERS)

@@ -355,7 +355,7 @@ def main(args: argparse.Namespace) -> dict:
     json_path = args.results_json or args.out.with_suffix(".json")
     manifest, split = load_split(args)
     check_whole_split(split, args)
-    if args.out.exists() and not json_path.exists() and not args.overwrite:
+    if args.out.is_file() and not json_path.exists() and not args.overwrite:
         raise SystemExit(f"error: --out {args.out} exists without its result JSON {json_path}: an earlier run was "
                          f"stopped between writing the two (killed?), its result is not whole; give --overwrite to "
                          f"score again")
