@@ -337,6 +337,7 @@ def predict_one(path: Path, streams: list[dict], weights: dict, args, device, do
     if one["note"]:
         done["notes"][str(path)] = one["note"]
     key = result_key(path, done["results"])
+    done["results"][key] = one  # before anything is printed: a stop (Ctrl-C) once its table shows keeps it
     samples = ", ".join(f"{len(s['frames'])} {n} samples" for n, s in one["streams"].items())
     print(f"\n{path} ({one['frames']} frames; {samples}){': ' + one['note'] if one['note'] else ''}")
     print(table(one, classes, args.top))
@@ -347,7 +348,6 @@ def predict_one(path: Path, streams: list[dict], weights: dict, args, device, do
             raise SystemExit(f"error: cannot write the timeline {png} ({e.strerror or e})") from None
         one["timeline"] = {"png": str(png), "classes": drawn}
         done["timelines"][str(path)] = str(png)
-    done["results"][key] = one
 
 
 def write_json(args, streams: list[dict], weights: dict, done: dict, stopped: str | None) -> dict:
