@@ -26,8 +26,10 @@ def main() -> None:
                                           "idx": str((args.source / piece["idx"]).resolve())}
                                          for _ in range(args.times) for piece in pieces]
         split["samples"] *= args.times
-        # the videos too, in the shards' order (a copy's id gets "@i"): what --segments plans
-        split["video_info"] = {f"{vid}@{i}": info for i in range(args.times) for vid, info in split["video_info"].items()}
+        # the videos too, in the shards' order (a copy's id gets "@i"): what --segments plans; each copy keeps its
+        # samples' key, by which the readers check every sample's label against its video's
+        split["video_info"] = {f"{vid}@{i}": {**info, "key": info.get("key", vid)}
+                               for i in range(args.times) for vid, info in split["video_info"].items()}
         split["videos"] *= args.times
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "manifest.json").write_text(json.dumps(stamped(manifest)))
